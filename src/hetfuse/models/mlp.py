@@ -49,7 +49,8 @@ class MLP(nn.Module):
 
     def arch(self) -> dict:
         """JSON-serialisable architecture, stored in checkpoint metadata."""
-        bias: bool | list[bool] = self.bias_flags[0] if len(set(self.bias_flags)) == 1 else list(self.bias_flags)
+        flags = [lin.bias is not None for lin in self.linears()]  # current state: repair may add biases
+        bias: bool | list[bool] = flags[0] if len(set(flags)) == 1 else flags
         return {"type": "mlp", "input_dim": self.input_dim, "hidden": list(self.hidden),
                 "output_dim": self.output_dim, "bias": bias}
 

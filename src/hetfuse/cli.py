@@ -1,0 +1,330 @@
+"""The ``hetfuse`` command: train, fuse, eval, check, demo, experiment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import HetfuseError
+
+EXIT_USAGE = 2
+
+
+def _add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
+    if dataset:
+        p.add_argument("--dataset", default="mnist",
+                       help="mnist (reads <root>/mnist/), idx:PATH (a folder with the four IDX files) or digits "
+                            "(scikit-learn's bundled 8x8 digits, no files needed)")
+        p.add_argument("--data-root", default=None,
+                       help="folder holding the data sets (default: $HETFUSE_DATA)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hetfuse", description="Fuse trained networks of different depths and widths.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from the zoo")
+    p.add_argument("--arch", required=True, help="architecture, e.g. mlp:400,200,100")
+    p.add_argument("--bias", action="store_true", help="give the Linear layers biases (default: none, as the paper)")
+    p.add_argument("--split", default="all", choices=["all", "skill-a", "skill-b"],
+                   help="skill-a: every image of label 4 plus 10%% of the others; skill-b: the rest")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the random skill split (default 0)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _add_common(p)
+
+    p = sub.add_parser("fuse", help="fuse two or more checkpoints")
+    p.add_argument("models", nargs="+", help="checkpoints (.safetensors written by hetfuse)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--wb", type=float, default=None, help="weight of the second model (two models only); "
+                                                          "the first gets 1 - wb")
+    g.add_argument("--weights", default=None, help="comma-separated weights, one per model, summing to 1")
+    p.add_argument("--target", type=int, default=None,
+                   help="index of the model whose widths the fused model takes (default: the shallowest)")
+    p.add_argument("--representation", default="neurons",
+                   choices=["neurons", "cka", "cka-rbf", "wasserstein", "weights"])
+    p.add_argument("--balance", default="add", choices=["add", "merge"])
+    p.add_argument("--match", default="ot-acts", choices=["ot-acts", "ot-weights", "none"])
+    p.add_argument("--solver", default="exact", choices=["exact", "sinkhorn"])
+    p.add_argument("--reg", type=float, default=0.01, help="entropic regularisation for --solver sinkhorn")
+    p.add_argument("--samples", type=int, default=400,
+                   help="alignment samples, drawn at random (with --seed) from the data set's training split")
+    p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=True,
+                   help="REPAIR statistics correction of the fused model (default: on)")
+    p.add_argument("--merge-sign", default="sum", choices=["sum", "majority"])
+    p.add_argument("--no-fix-first", action="store_true", help="let CLA leave the first hidden layers unmatched")
+    p.add_argument("--no-fix-last", action="store_true", help="let CLA leave the last hidden layers unmatched")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="fused checkpoint (.safetensors); the config goes beside it")
+    p.add_argument("--report", default=None, help="folder for report.json and the CLA cost-matrix figure(s)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickle (torch.save) checkpoints: only for files you trust")
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="test accuracy of checkpoints and of their prediction ensemble")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--ensemble", action="store_true", help="also report the prediction ensemble")
+    p.add_argument("--weights", default=None, help="ensemble weights, one per model (default uniform)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--allow-pickle", action="store_true")
+    _add_common(p)
+
+    p = sub.add_parser("check", help="permutation self-check of a checkpoint's network description")
+    p.add_argument("model")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="train two heterogeneous MLPs on the bundled digits and fuse them")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("experiment", help="paper reproductions on real MNIST")
+    p.add_argument("name", choices=["skill-transfer", "ablation"])
+    p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,3")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def _parse_weights(text: str | None, n: int) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise HetfuseError(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise HetfuseError(f"output exists: {', '.join(existing)} (pass --force to overwrite)")
+
+
+def _load_models(paths: list[str], allow_pickle: bool):
+    from .io import load_checkpoint
+
+    models, metas = [], []
+    for p in paths:
+        m, meta = load_checkpoint(p, allow_pickle=allow_pickle)
+        models.append(m)
+        metas.append(meta)
+    return models, metas
+
+
+def _check_dims(models, ds, paths) -> None:
+    from .graph import describe
+
+    for m, p in zip(models, paths):
+        g = describe(m)
+        if g.input_dim != ds.input_dim or g.output_dim != ds.num_classes:
+            raise HetfuseError(f"{p}: model maps {g.input_dim} inputs to {g.output_dim} outputs, but {ds.name} has "
+                               f"{ds.input_dim} input features and {ds.num_classes} classes")
+
+
+def cmd_train(a) -> int:
+    import torch
+
+    from .data import load_dataset, skill_split
+    from .io import save_checkpoint
+    from .models import parse_arch, model_from_arch
+    from .train import accuracy, train_model
+
+    out = Path(a.out)
+    _refuse_existing([out], a.force)
+    ds = load_dataset(a.dataset, a.data_root)
+    arch = parse_arch(a.arch, input_dim=ds.input_dim, output_dim=ds.num_classes, bias=a.bias)
+    if a.epochs < 1:
+        raise HetfuseError("--epochs must be at least 1")
+    torch.manual_seed(a.seed)
+    model = model_from_arch(arch)
+    idx = skill_split(ds.y_train, a.split, seed=a.split_seed)
+    hist = train_model(model, ds.x_train[idx], ds.y_train[idx], epochs=a.epochs, lr=a.lr, momentum=a.momentum,
+                       batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, desc=f"train {a.arch}")
+    acc = accuracy(model, ds.x_test, ds.y_test)
+    meta = {"dataset": a.dataset, "split": a.split, "split_seed": a.split_seed, "epochs": a.epochs, "lr": a.lr,
+            "momentum": a.momentum, "batch_size": a.batch_size, "seed": a.seed, "train_examples": int(len(idx)),
+            "test_accuracy": acc, "history": hist}
+    save_checkpoint(model, out, metadata=meta, force=a.force)
+    print(f"{out}: {a.arch} trained on {a.dataset} ({a.split}, {len(idx)} examples), test accuracy {acc:.2f}%")
+    return 0
+
+
+def _plot_costs(report: dict, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    for mp in report["mappings"]:
+        if mp.get("cost") is None:
+            continue
+        cost = np.asarray(mp["cost"])
+        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * cost.shape[1], 1.0 + 0.6 * cost.shape[0]))
+        im = ax.imshow(cost, cmap="viridis")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.plot(range(cost.shape[1]), mp["alignment"], "o", color="red", markersize=10, fillstyle="none",
+                markeredgewidth=2, label="CLA mapping")
+        ax.set_xlabel(f"shallower model {mp['shallow']}: hidden layer")
+        ax.set_ylabel(f"deeper model {mp['deep']}: hidden layer")
+        ax.set_xticks(range(cost.shape[1]), [str(j + 1) for j in range(cost.shape[1])])
+        ax.set_yticks(range(cost.shape[0]), [str(i + 1) for i in range(cost.shape[0])])
+        ax.set_title(f"CLA cost ({report['config']['representation']})", fontsize=9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8)
+        fig.tight_layout()
+        name = f"cla_cost_model{mp['model']}.png"
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def cmd_fuse(a) -> int:
+    from .config import FusionConfig
+    from .data import load_dataset
+    from .fuse import fuse
+    from .io import save_checkpoint
+
+    if len(a.models) < 2:
+        raise HetfuseError("fuse needs at least two checkpoints")
+    out = Path(a.out)
+    config_path = out.with_name(out.name.removesuffix(".safetensors") + ".config.json")
+    outputs = [out, config_path]
+    report_dir = Path(a.report) if a.report else None
+    if report_dir is not None:
+        outputs.append(report_dir / "report.json")
+    _refuse_existing(outputs, a.force)
+    if a.wb is not None:
+        if len(a.models) != 2:
+            raise HetfuseError(f"--wb is the weight of the second model and needs exactly two models, got "
+                               f"{len(a.models)}; use --weights")
+        weights = [1.0 - a.wb, a.wb]
+        if not 0.0 <= a.wb <= 1.0:
+            raise HetfuseError(f"--wb must lie in [0, 1], got {a.wb}")
+    else:
+        weights = _parse_weights(a.weights, len(a.models))
+    config = FusionConfig(weights=weights, target=a.target, representation=a.representation, balance=a.balance,
+                          match=a.match, solver=a.solver, reg=a.reg, samples=a.samples, repair=a.repair,
+                          seed=a.seed, fix_first=not a.no_fix_first, fix_last=not a.no_fix_last,
+                          merge_sign=a.merge_sign, progress=not a.quiet)
+    config.validate(len(a.models))
+    models, _ = _load_models(a.models, a.allow_pickle)
+    ds = load_dataset(a.dataset, a.data_root)
+    _check_dims(models, ds, a.models)
+    result = fuse(models, ds.x_train, config=config)
+    report = dict(result.report, inputs=[str(p) for p in a.models], dataset=a.dataset,
+                  alignment_samples=f"{a.samples} random training images (seed {a.seed})")
+    save_checkpoint(result.model, out, metadata={"fused_from": [str(p) for p in a.models], "config": config.to_dict(),
+                                                 "dataset": a.dataset}, force=a.force)
+    _atomic_write(config_path, config.to_json() + "\n")
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        report["figures"] = _plot_costs(report, report_dir)
+        _atomic_write(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    widths = ",".join(str(w) for w in result.report["fused_widths"])
+    maps = "; ".join(f"model {m['model']}->{m['reference']}: {[i + 1 for i in m['alignment']]}"
+                     for m in result.report["mappings"] if m.get("cost") is not None)
+    print(f"{out}: fused {len(models)} models (weights {config.weights}) into hidden widths {widths}"
+          + (f"; CLA {maps}" if maps else ""))
+    return 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def cmd_eval(a) -> int:
+    from .config import normalize_weights
+    from .data import load_dataset
+    from .train import accuracy, ensemble_accuracy
+
+    models, _ = _load_models(a.models, a.allow_pickle)
+    ds = load_dataset(a.dataset, a.data_root)
+    _check_dims(models, ds, a.models)
+    accs = [accuracy(m, ds.x_test, ds.y_test) for m in models]
+    ens = None
+    weights = normalize_weights(_parse_weights(a.weights, len(models)), len(models))
+    if a.ensemble:
+        ens = ensemble_accuracy(models, weights, ds.x_test, ds.y_test)
+    if a.json:
+        print(json.dumps({"dataset": a.dataset, "models": [{"path": p, "accuracy": acc} for p, acc in zip(a.models, accs)],
+                          "ensemble": None if ens is None else {"weights": weights, "accuracy": ens}}))
+    else:
+        width = max(len(p) for p in a.models)
+        for p, acc in zip(a.models, accs):
+            print(f"{p:<{width}}  {acc:6.2f}%")
+        if ens is not None:
+            print(f"{'ensemble':<{width}}  {ens:6.2f}%  (weights {weights})")
+    return 0
+
+
+def cmd_check(a) -> int:
+    import torch
+
+    from .graph import check_permutation_invariance, describe
+
+    models, _ = _load_models([a.model], a.allow_pickle)
+    model = models[0]
+    g = describe(model)
+    x = torch.randn(64, g.input_dim, generator=torch.Generator().manual_seed(a.seed))
+    diff = check_permutation_invariance(model, g, x, seed=a.seed)
+    print(f"{a.model}: {g.depth} hidden neuron spaces {g.widths}; permuting all of them changed the outputs by "
+          f"{diff:.3g}: OK")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    print(run_demo(seed=a.seed, progress=not a.quiet))
+    return 0
+
+
+def cmd_experiment(a) -> int:
+    from .experiments import parse_seeds, run_ablation, run_skill_transfer
+
+    seeds = parse_seeds(a.seeds)
+    fn = run_skill_transfer if a.name == "skill-transfer" else run_ablation
+    fn(data_root=a.data_root, seeds=seeds, out_dir=a.out, epochs=a.epochs, samples=a.samples, progress=not a.quiet)
+    print(f"{a.name}: results in {a.out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "eval": cmd_eval, "check": cmd_check, "demo": cmd_demo,
+            "experiment": cmd_experiment}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except HetfuseError as exc:
+        print(f"hetfuse {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""How a network is described: neuron spaces and the parameter axes tied to them.
+
+A *neuron space* is a set of hidden units that can be permuted (or transported) together without
+changing the network's function: the rows of the weight that produces the units, their bias
+entries (and, for BatchNorm, its affine parameters and running statistics) and the columns of every
+weight that consumes them. Every alignment, balancing and fusion step in hetfuse works on this
+description, never on positional state-dict copying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+Role = Literal["out", "in"]
+
+
+@dataclass(frozen=True)
+class ParamAxis:
+    """One axis of one parameter (or buffer) tied to a neuron space.
+
+    ``role="out"``: the axis indexes the space's neurons directly (weight rows of the producer,
+    bias, BatchNorm entries). ``role="in"``: the axis consumes the space (columns of the next
+    weight); with ``block > 1`` each neuron owns ``block`` consecutive entries (a conv channel
+    flattened into a linear layer's input).
+    """
+
+    name: str
+    axis: int
+    role: Role
+    block: int = 1
+
+
+@dataclass
+class NeuronSpace:
+    """A hidden layer (or a residual stream): ``size`` neurons and the parameter axes tied to them."""
+
+    name: str
+    size: int
+    kind: Literal["linear", "conv"]
+    producers: list[str]
+    act_module: str
+    members: list[ParamAxis] = field(default_factory=list)
+
+    def out_members(self) -> list[ParamAxis]:
+        return [m for m in self.members if m.role == "out"]
+
+    def in_members(self) -> list[ParamAxis]:
+        return [m for m in self.members if m.role == "in"]
+
+
+@dataclass
+class NetworkGraph:
+    """The description of a network: its hidden neuron spaces in forward order.
+
+    ``chain`` is True when the network is a plain sequence of layers (each space has one producer
+    and feeds only the next layer), which the MLP balancing operations need.
+    """
+
+    spaces: list[NeuronSpace]
+    input_dim: int
+    output_dim: int
+    chain: bool
+    layer_modules: list[str]
+
+    @property
+    def depth(self) -> int:
+        """Number of hidden layers."""
+        return len(self.spaces)
+
+    @property
+    def widths(self) -> list[int]:
+        return [s.size for s in self.spaces]
+
+
+def _move(t: torch.Tensor, axis: int) -> torch.Tensor:
+    return t.movedim(axis, 0)
+
+
+def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) -> torch.Tensor:
+    """Apply a neuron-space map to one tied axis.
+
+    ``matrix`` is ``n_src x n_dst``. An ``out`` axis of size ``n_src`` becomes ``n_dst`` with
+    ``new[j] = sum_i matrix[i, j] * old[i]``; an ``in`` axis (size ``n_src * block``) the same, per block
+    entry. Both cases are the same contraction; only the block layout differs.
+    """
+    n_src, n_dst = matrix.shape
+    t = tensor.movedim(axis.axis, 0)
+    rest = t.shape[1:]
+    blk = axis.block if axis.role == "in" else 1
+    if t.shape[0] != n_src * blk:
+        raise ValueError(f"{axis.name}: axis {axis.axis} has size {t.shape[0]}, expected {n_src}x{blk}")
+    t = t.reshape(n_src, blk, -1)
+    m = matrix.to(dtype=t.dtype, device=t.device)
+    out = torch.einsum("sbr,sd->dbr", t, m)
+    return out.reshape(n_dst * blk, *rest).movedim(0, axis.axis).contiguous()
+
+
+def permute_state(state: dict[str, torch.Tensor], space: NeuronSpace, perm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Return a copy of ``state`` with the neurons of ``space`` reordered: new neuron j = old neuron perm[j]."""
+    n = space.size
+    p = torch.zeros(n, n, dtype=torch.float64)
+    p[perm, torch.arange(n)] = 1.0
+    new = dict(state)
+    for m in space.members:
+        t = new[m.name]
+        if t.is_floating_point():
+            new[m.name] = transform_axis(t, m, p)
+        else:  # integer buffers are never tied to a neuron axis
+            raise ValueError(f"{m.name} is not a floating-point tensor")
+    return new
+
+
+def permuted_copy(model: nn.Module, graph: NetworkGraph, *, seed: int = 0) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A copy of ``model`` with every neuron space permuted at random; returns it and the permutations."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    perms = []
+    for space in graph.spaces:
+        perm = torch.randperm(space.size, generator=g)
+        state = permute_state(state, space, perm)
+        perms.append(perm)
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(state)
+    return clone, perms
+
+
+def check_permutation_invariance(model: nn.Module, graph: NetworkGraph, x: torch.Tensor, *,
+                                 seed: int = 0, atol: float = 1e-5, rtol: float = 1e-4) -> float:
+    """Permute every neuron space at random and check the outputs do not change (eval mode).
+
+    Returns the largest absolute output difference; raises ``AssertionError`` when it exceeds the
+    tolerance, which means the description misses a parameter axis tied to some space.
+    """
+    was_training = model.training
+    model.eval()
+    clone, _ = permuted_copy(model, graph, seed=seed)
+    clone.eval()
+    with torch.no_grad():
+        y0 = model(x)
+        y1 = clone(x)
+    model.train(was_training)
+    diff = (y0 - y1).abs().max().item()
+    scale = y0.abs().max().item()
+    if not diff <= atol + rtol * scale:
+        raise AssertionError(f"permuting neuron spaces changed the outputs by {diff:.3g} (scale {scale:.3g})")
+    return diff
