@@ -166,6 +166,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
     # 1) cross-layer alignment and 2) balancing.
     t0 = time.perf_counter()
     mappings: list[dict] = []
+    notes: list[str] = []
     if len(set(depths)) > 1:
         if config.balance == "add":
             best = max(depths)
@@ -181,7 +182,13 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
             cost = layer_cost_matrix(_layer_reps(models[deep], graphs[deep], acts[deep]),
                                      _layer_reps(models[shallow], graphs[shallow], acts[shallow]),
                                      config.representation)
-            a = cross_layer_alignment(cost, fix_first=config.fix_first, fix_last=config.fix_last)
+            fix_first, fix_last = config.fix_first, config.fix_last
+            if depths[shallow] == 1 and depths[deep] > 1 and fix_first and fix_last:
+                # One shallow layer cannot be both the first and the last match: keep the first-layer
+                # constraint, the one that matters when inputs can be negative (CLAFusion App. C).
+                fix_last = False
+                notes.append(f"model {shallow} has one hidden layer: the last-layer constraint was dropped")
+            a = cross_layer_alignment(cost, fix_first=fix_first, fix_last=fix_last)
             mappings.append({"model": i, "reference": ref, "deep": deep, "shallow": shallow,
                              "alignment": [int(v) for v in a], "cost": np.asarray(cost).tolist()})
             if config.balance == "add":
@@ -222,6 +229,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
         "mappings": mappings,
         "solvers": solvers,
         "timings": timings,
+        "notes": notes,
         "config": config.to_dict(),
     }
     return PreparedFusion(config=config, target_index=target, target_model=models[target],

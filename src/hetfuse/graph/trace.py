@@ -23,6 +23,7 @@ _PASS_MODULES = (nn.ReLU, nn.Dropout, nn.Identity, nn.Flatten)
 _PASS_FUNCTIONS = {F.relu, torch.relu, F.dropout, torch.flatten}
 _PASS_METHODS = {"relu", "view", "reshape", "flatten", "contiguous"}
 _INPUT = -1
+_META = -2  # a shape or size value (x.shape, x.size(0)): allowed as an argument of view/reshape only
 
 
 def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -74,6 +75,8 @@ def describe(model: nn.Module) -> NetworkGraph:
             lin: nn.Linear = modules[node.target]
             s_in = source(node, node.args[0])
             name = node.target
+            if s_in == _META:
+                raise UnsupportedModelError(f"node '{node.name}': Linear '{name}' applied to a shape value")
             if s_in != _INPUT:
                 if spaces[s_in].size != lin.in_features:
                     raise UnsupportedModelError(
@@ -92,11 +95,20 @@ def describe(model: nn.Module) -> NetworkGraph:
                 (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or \
                 (node.op == "call_method" and node.target in _PASS_METHODS):
             src = source(node, node.args[0])
+            if src == _META:
+                raise UnsupportedModelError(f"node '{node.name}': unsupported use of a shape value")
             if node.op in ("call_method", "call_function") and node.target in ("view", "reshape", "flatten",
                                                                                torch.flatten):
                 if src != _INPUT:
                     _check_flat_reshape(node, spaces[src].size)
             space_of[node] = src
+        elif (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or \
+                (node.op == "call_method" and node.target in ("size", "dim")):
+            source(node, node.args[0])
+            space_of[node] = _META
+        elif node.op == "call_function" and node.target is operator.getitem and \
+                isinstance(node.args[0], fx.Node) and space_of.get(node.args[0]) == _META:
+            space_of[node] = _META
         elif node.op == "call_function" and node.target is operator.getitem:
             raise UnsupportedModelError(f"node '{node.name}': indexing ({_op_name(node, modules)}) is not supported")
         else:
@@ -104,7 +116,7 @@ def describe(model: nn.Module) -> NetworkGraph:
                 f"node '{node.name}': unsupported op {_op_name(node, modules)}; hetfuse supports Linear, "
                 "ReLU, dropout, identity and flatten for now")
 
-    if output_space is None or output_space == _INPUT:
+    if output_space is None or output_space in (_INPUT, _META):
         raise UnsupportedModelError(f"{type(model).__name__}: the output does not come from a Linear layer")
     out = spaces[output_space]
     if output_space != len(spaces) - 1 or consumers.get(output_space):

@@ -95,6 +95,7 @@ def solve_transport(cost: np.ndarray, *, solver: str = "exact", reg: float = 0.0
         if log.get("result_code") != 1 or log.get("warning"):
             raise HetfuseError(f"network simplex did not reach optimality ({log.get('warning')}); "
                                f"raise max_iter (now {max_iter}) or use solver='sinkhorn'")
+        plan = np.where(plan > 1e-12 * plan.max(), plan, 0.0)  # drop round-off entries of the simplex
         return Transport.from_plan(plan, "emd", float(log["cost"]))
     if solver == "sinkhorn":
         if reg <= 0:
