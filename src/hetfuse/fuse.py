@@ -149,11 +149,13 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
     if feat != graphs[0].input_dim:
         raise DataError(f"data samples have shape {tuple(x.shape[1:])} ({feat} features); the models expect "
                         f"{graphs[0].input_dim} input features")
-    x = x.to(torch.float32)
+    params = [p for p in models[0].parameters()]
+    device = params[0].device if params else torch.device("cpu")
+    x = x.to(device=device, dtype=torch.float32)
 
     # Canonical form: every model as an MLP, all with biases if any has one (so parameters correspond).
     any_bias = any(m.bias is not None for mod in models for m in mod.modules() if isinstance(m, nn.Linear))
-    models = [to_mlp(m, g, bias=any_bias or None).eval() for m, g in zip(models, graphs)]
+    models = [to_mlp(m, g, bias=any_bias or None).to(device).eval() for m, g in zip(models, graphs)]
     graphs = [describe(m) for m in models]
     depths = [g.depth for g in graphs]
     widths_in = [g.widths for g in graphs]
@@ -192,9 +194,9 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
             mappings.append({"model": i, "reference": ref, "deep": deep, "shallow": shallow,
                              "alignment": [int(v) for v in a], "cost": np.asarray(cost).tolist()})
             if config.balance == "add":
-                models[i] = add_identity_layers(models[i], a, depths[ref]).eval()
+                models[i] = add_identity_layers(models[i], a, depths[ref]).to(device).eval()
             else:
-                models[i] = merge_layers(models[i], a, acts[i], sign=config.merge_sign).eval()
+                models[i] = merge_layers(models[i], a, acts[i], sign=config.merge_sign).to(device).eval()
             graphs[i] = describe(models[i])
             acts[i] = layer_activations(models[i], graphs[i], x)
     timings["cla_balance_s"] = time.perf_counter() - t0

@@ -21,7 +21,7 @@ MERGE_SIGNS = ("sum", "majority")
 
 
 def chain_layers(model: nn.Module, graph: NetworkGraph) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """Weights and biases (or None) of a chain model's Linear layers, input to output, detached copies."""
+    """Weights and biases (or None) of a chain model's Linear layers, input to output, detached CPU copies."""
     if not graph.chain:
         raise HetfuseError(f"{type(model).__name__} is not a plain chain of layers; layer balancing of "
                            "branched models is not supported")
@@ -29,8 +29,8 @@ def chain_layers(model: nn.Module, graph: NetworkGraph) -> tuple[list[torch.Tens
     ws, bs = [], []
     for name in graph.layer_modules:
         lin = modules[name]
-        ws.append(lin.weight.detach().clone())
-        bs.append(None if lin.bias is None else lin.bias.detach().clone())
+        ws.append(lin.weight.detach().cpu().clone())
+        bs.append(None if lin.bias is None else lin.bias.detach().cpu().clone())
     return ws, bs
 
 

@@ -71,7 +71,7 @@ def align_model(src_state: dict[str, torch.Tensor], src_graph: NetworkGraph,
                 cost = ground_cost(_neuron_rows(state, src_graph, l), _neuron_rows(dst_state, dst_graph, l))
             tr = solve_transport(cost, solver=solver, reg=reg)
         for m in s_sp.members:
-            mat = tr.forward if m.role == "out" else tr.incoming
+            mat = (tr.forward if m.role == "out" else tr.incoming).to(state[m.name].device)
             state[m.name] = transform_axis(state[m.name], m, mat)
         transports.append(tr)
     for k, v in dst_state.items():

@@ -66,7 +66,7 @@ def ground_cost(src: torch.Tensor, dst: torch.Tensor) -> np.ndarray:
     b = dst.to(torch.float64)
     if a.shape[1] != b.shape[1]:
         raise HetfuseError(f"neuron features differ in length: {a.shape[1]} vs {b.shape[1]}")
-    c = torch.cdist(a, b).numpy()
+    c = torch.cdist(a, b).cpu().numpy()
     if not np.all(np.isfinite(c)):
         raise HetfuseError("ground cost has NaN or Inf (check the model weights and the data)")
     return c

@@ -51,10 +51,13 @@ def repair_model(model: nn.Module, graph: NetworkGraph, x: torch.Tensor, target:
         lin = modules[space.producers[0]]
         acts = layer_activations(model, graph, x)[l]
         mu_f, sd_f = acts.mean(0), acts.std(0, unbiased=False)
-        mu_t, sd_t = target[l]
+        dev = lin.weight.device
+        mu_f, sd_f = mu_f.to(dev), sd_f.to(dev)
+        mu_t, sd_t = (t.to(dev) for t in target[l])
         scale = torch.where(sd_f > eps, sd_t / sd_f.clamp_min(eps), torch.ones_like(sd_f))
         w = lin.weight.to(torch.float64)
-        b = lin.bias.to(torch.float64) if lin.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        b = lin.bias.to(torch.float64) if lin.bias is not None else \
+            torch.zeros(w.shape[0], dtype=torch.float64, device=dev)
         new_w = w * scale[:, None]
         new_b = (b - mu_f) * scale + mu_t
         lin.weight.copy_(new_w.to(lin.weight.dtype))
