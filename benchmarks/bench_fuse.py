@@ -140,6 +140,14 @@ def machine_info() -> dict:
 
 
 def spawn_case(case: dict, args) -> dict:
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rec = _spawn_case(case, args)
+    rec["loadavg_1m_before"] = load_before
+    rec["loadavg_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return rec
+
+
+def _spawn_case(case: dict, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case),
            "--repeats", str(args.repeats), "--cheap-s", str(args.cheap_s)]
     t0 = time.perf_counter()
@@ -164,6 +172,11 @@ def _fmt(v, nd=2):
     return "–" if v is None else f"{v:.{nd}f}"
 
 
+def _load(r: dict) -> str:
+    a, b = r.get("loadavg_1m_before"), r.get("loadavg_1m_after")
+    return "–" if a is None else f"{a:.1f}→{b:.1f}"
+
+
 def _widths_str(ws) -> str:
     def one(w):
         if len(set(w)) == 1 and len(w) > 2:
@@ -183,26 +196,29 @@ def write_markdown(path: Path, records: list[dict], info: dict, command: str) ->
              "784-…-10, `match=\"ot-acts\"`, `samples=400`, `reg=0.01` for Sinkhorn. Times in seconds from "
              "`report[\"timings\"]` of the fastest of `reps` runs (expensive cases run once). Peak RSS is "
              "the `ru_maxrss` of a fresh child process that ran only that case (it includes the "
-             "Python/torch baseline and the input models; `setup` is the RSS before the first `fuse`).",
+             "Python/torch baseline and the input models; `setup` is the RSS before the first `fuse`). "
+             "`load 1m` is the machine's 1-minute load average before→after the case: a value above the "
+             "CPU count means other processes competed for the cores and the times are inflated.",
              "",
              "| case | widths | solver used | repair | total s | activations s | CLA+balance s | align s "
-             "| combine s | reps | peak RSS MiB | setup MiB |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| combine s | reps | peak RSS MiB | setup MiB | load 1m |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         if r.get("status") != "ok":
             lines.append(f"| {r['case']} | {_widths_str(r['widths'])} | ({r['solver_requested']}) | "
-                         f"{'on' if r['repair'] else 'off'} | **{r['status']}** | | | | | | | |")
+                         f"{'on' if r['repair'] else 'off'} | **{r['status']}** | | | | | | | | {_load(r)} |")
             continue
         lines.append(
             f"| {r['case']} | {_widths_str(r['widths'])} | {'+'.join(r['solver_used']) or '–'} | "
             f"{'on' if r['repair'] else 'off'} | {_fmt(r['total_s'], 3)} | {_fmt(r['activations_s'], 3)} | "
             f"{_fmt(r['cla_balance_s'], 3)} | {_fmt(r['align_s'], 3)} | {_fmt(r['combine_s'], 3)} | "
-            f"{r['repeats']} | {_fmt(r['peak_rss_mib'], 0)} | {_fmt(r['rss_after_setup_mib'], 0)} |")
+            f"{r['repeats']} | {_fmt(r['peak_rss_mib'], 0)} | {_fmt(r['rss_after_setup_mib'], 0)} | {_load(r)} |")
     notes = [r for r in records if r.get("status") != "ok"]
     if notes:
         lines += ["", "Skipped / failed cases:"]
         for r in notes:
-            lines.append(f"- {r['case']}: {r['status']} (gave up after {r['elapsed_s']:.0f} s)")
+            lines.append(f"- {r['case']}: {r['status']}"
+                         + (f" (killed after {r['elapsed_s']:.0f} s)" if r['elapsed_s'] else " (not run)"))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -231,9 +247,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    capped: set[str] = set()  # cases (minus the repair flag) whose repair=on run hit the cap
     for c in cases:
         print(f"[bench] {c['name']} ...", flush=True)
-        rec = spawn_case(c, args)
+        key = c["name"].split("/repair=")[0]
+        if c["group"] == "equal" and not c["repair"] and key in capped:
+            # repair=off only removes the (cheap) repair pass, so it cannot fit under the cap either.
+            rec = {"case": c["name"], "group": c["group"], "widths": c["widths"], "balance": c["balance"],
+                   "solver_requested": c["solver"], "repair": c["repair"], "elapsed_s": 0.0,
+                   "status": f"skipped: repair=on variant exceeded {args.timeout:.0f} s cap"}
+        else:
+            rec = spawn_case(c, args)
+        if rec.get("status", "").startswith("skipped: exceeded"):
+            capped.add(key)
         rec.update({"torch": info["torch"], "pot": info["pot"], "scipy": info["scipy"],
                     "cpu_count": info["cpu_count"], "cpu_model": info["cpu_model"], "command": command})
         records.append(rec)

@@ -1,0 +1,103 @@
+"""Smoke tests of the paper experiments on the bundled digits data (small MLPs, 1 epoch, 1 seed)."""
+
+import csv
+
+import pytest
+import torch
+
+from hetfuse.data import alignment_samples, load_dataset
+from hetfuse.errors import HetfuseError
+from hetfuse.experiments import parse_seeds, run_ablation, run_skill_transfer
+from hetfuse.experiments.ablation import fuse_with_mapping
+from hetfuse.fuse import prepare_fusion
+from hetfuse.config import FusionConfig
+from hetfuse.models import MLP
+from hetfuse.train import predict_logits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _read(path):
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("0,2,3") == [0, 2, 3]
+    assert parse_seeds("0-2,7, 1") == [0, 1, 2, 7]
+    assert parse_seeds("5") == [5]
+    for bad in ("", "a", "3-1", "1-", "-1"):
+        with pytest.raises(HetfuseError):
+            parse_seeds(bad)
+
+
+def test_skill_transfer_smoke(digits, tmp_path):
+    out = tmp_path / "st"
+    rows = run_skill_transfer(seeds=[0], out_dir=out, epochs=1, samples=50, progress=False, dataset=digits,
+                              hidden_a=[24, 16], hidden_b=[24, 20, 12], cache_dir=tmp_path / "cache")
+    cols, csv_rows = _read(out / "results.csv")
+    assert cols == ["seed", "balance", "repair", "wb", "acc_a", "acc_b", "acc_fused", "acc_ensemble", "mapping"]
+    assert len(rows) == len(csv_rows) == 2 * 2 * 11  # balance × repair × wB
+    for name in ("summary.md", "fig4.png", "command.txt"):
+        assert (out / name).is_file()
+    assert (out / "command.txt").read_text().strip() == (
+        "hetfuse experiment skill-transfer --seeds 0-4 --out results/skill_transfer --data-root ../shared/data")
+    # wB = 0 without repair is model A itself (target A, identity layers after ReLUs): exact.
+    for balance in ("add", "merge"):
+        r = next(r for r in rows if r["balance"] == balance and not r["repair"] and r["wb"] == 0.0)
+        assert r["acc_fused"] == r["acc_a"]
+        assert r["acc_ensemble"] == r["acc_a"]
+    r1 = next(r for r in rows if r["balance"] == "add" and not r["repair"] and r["wb"] == 1.0)
+    assert r1["acc_ensemble"] == r1["acc_b"]
+    assert {r["mapping"] for r in rows} <= {"[1,3]"}  # neurons + both constraints: 24→24, 16→12 (12 is closest)
+    # the checkpoint cache is used on a rerun and gives the same numbers
+    rows2 = run_skill_transfer(seeds=[0], out_dir=tmp_path / "st2", epochs=1, samples=50, progress=False,
+                               dataset=digits, hidden_a=[24, 16], hidden_b=[24, 20, 12], cache_dir=tmp_path / "cache")
+    assert [r["acc_fused"] for r in rows2] == [r["acc_fused"] for r in rows]
+
+
+def test_ablation_smoke(digits, tmp_path):
+    out = tmp_path / "ab"
+    rows = run_ablation(seeds=[0], out_dir=out, epochs=1, samples=50, progress=False, dataset=digits,
+                        hidden_a=[24, 20, 16, 12, 8], hidden_b={1: [24, 16], 2: [24, 20, 16]},
+                        cache_dir=tmp_path / "cache")
+    cols, csv_rows = _read(out / "results.csv")
+    assert cols == ["seed", "pair", "mapping", "balance", "repair", "acc_a", "acc_b", "acc_fused"]
+    assert len(rows) == len(csv_rows) == 2 * 10 * 2 * 2  # pairs × mappings × balance × repair
+    mcols, mrows = _read(out / "mappings.csv")
+    assert mcols == ["seed", "pair", "representation", "constraint", "mapping"]
+    assert len(mrows) == 2 * 3 * 4
+    # constraints are honoured (1-based)
+    for r in mrows:
+        a = [int(v) for v in r["mapping"].strip("[]").split(",")]
+        assert a == sorted(set(a)) and len(a) == (2 if r["pair"] == "1" else 3)
+        if r["constraint"] in ("both", "first"):
+            assert a[0] == 1
+        if r["constraint"] in ("both", "last"):
+            assert a[-1] == 5
+    assert len({r["mapping"] for r in rows if r["pair"] == 1}) == 10
+    for name in ("summary.md", "command.txt"):
+        assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("balance", ["add", "merge"])
+def test_forced_mapping_matches_pipeline(digits, balance):
+    """Forcing the mapping CLA would pick gives the same fused model as the pipeline itself."""
+    torch.manual_seed(0)
+    deep = MLP(64, [24, 20, 16, 12, 8], 10, bias=False).eval()
+    torch.manual_seed(1)
+    shallow = MLP(64, [24, 16], 10, bias=False).eval()
+    x = alignment_samples(digits.x_train, 60, seed=0)
+    config = FusionConfig(weights=[0.5, 0.5], target=1, representation="neurons", balance=balance,
+                          samples=60, repair=False, seed=0)
+    prepared = prepare_fusion([deep, shallow], x, config)
+    mapping = next(m["alignment"] for m in prepared.report["mappings"] if m.get("cost") is not None)
+    forced = fuse_with_mapping(deep, shallow, mapping, x, balance=balance, samples=60, seed=0)
+    a = predict_logits(prepared.combine([0.5, 0.5], repair=False), digits.x_test)
+    b = predict_logits(forced.combine([0.5, 0.5], repair=False), digits.x_test)
+    assert torch.allclose(a, b, atol=1e-5)
