@@ -101,3 +101,20 @@ def test_forced_mapping_matches_pipeline(digits, balance):
     a = predict_logits(prepared.combine([0.5, 0.5], repair=False), digits.x_test)
     b = predict_logits(forced.combine([0.5, 0.5], repair=False), digits.x_test)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_multi_model_smoke(digits, tmp_path):
+    from hetfuse.experiments import run_multi_model
+    from hetfuse.experiments.multi_model import group_split
+
+    idx = group_split(digits.y_train, (0, 1), seed=0)
+    labels = digits.y_train[idx]
+    assert int((labels == 0).sum()) == int((digits.y_train == 0).sum())
+    assert int((labels == 5).sum()) == round(0.1 * int((digits.y_train == 5).sum()))
+    rows = run_multi_model(seeds=[0], out_dir=tmp_path / "mm", epochs=1, samples=50, progress=False,
+                           cache_dir=tmp_path / "cache", dataset=digits, hidden=((16,), (16, 12), (16, 12, 8)))
+    fields, written = _read(tmp_path / "mm" / "results.csv")
+    # 2 settings x (1 triple + 3 pairs) x 2 balances x 2 repair
+    assert len(rows) == len(written) == 32 and "acc_fused" in fields
+    assert {r["models"] for r in written} == {"0+1+2", "0+1", "0+2", "1+2"}
+    assert "Setting `split`" in (tmp_path / "mm" / "summary.md").read_text()

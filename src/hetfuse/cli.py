@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("experiment", help="paper reproductions on real MNIST")
-    p.add_argument("name", choices=["skill-transfer", "ablation"])
+    p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model"])
     p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,3")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=10)
@@ -301,10 +301,10 @@ def cmd_demo(a) -> int:
 
 
 def cmd_experiment(a) -> int:
-    from .experiments import parse_seeds, run_ablation, run_skill_transfer
+    from .experiments import parse_seeds, run_ablation, run_multi_model, run_skill_transfer
 
     seeds = parse_seeds(a.seeds)
-    fn = run_skill_transfer if a.name == "skill-transfer" else run_ablation
+    fn = {"skill-transfer": run_skill_transfer, "ablation": run_ablation, "multi-model": run_multi_model}[a.name]
     fn(data_root=a.data_root, seeds=seeds, out_dir=a.out, epochs=a.epochs, samples=a.samples, progress=not a.quiet)
     print(f"{a.name}: results in {a.out}")
     return 0

@@ -1,9 +1,11 @@
-"""Paper experiments: skill transfer (CLAFusion §4.1) and the cross-layer-alignment ablation (Appendix C)."""
+"""Paper experiments: skill transfer (CLAFusion §4.1), the cross-layer-alignment ablation (Appendix C) and
+fusing more than two models."""
 
 from __future__ import annotations
 
 from ..errors import HetfuseError
 from .ablation import run_ablation
+from .multi_model import run_multi_model
 from .skill_transfer import run_skill_transfer
 
 
@@ -40,4 +42,4 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-__all__ = ["parse_seeds", "run_ablation", "run_skill_transfer"]
+__all__ = ["parse_seeds", "run_ablation", "run_multi_model", "run_skill_transfer"]
