@@ -97,7 +97,7 @@ def test_missing_files_lists_paths(tmp_path):
 
 def test_unknown_name_and_root(monkeypatch):
     with pytest.raises(DataError, match="mnist.*digits"):
-        load_dataset("cifar100")
+        load_dataset("nope")
     monkeypatch.delenv("HETFUSE_DATA", raising=False)
     with pytest.raises(DataError, match="HETFUSE_DATA"):
         resolve_data_root(None)

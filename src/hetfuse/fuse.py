@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .align.cla import cross_layer_alignment
 from .balance.mlp import add_identity_layers, merge_layers, to_mlp
 from .config import FusionConfig, normalize_weights
-from .errors import DataError, HetfuseError
+from .errors import DataError, HetfuseError, UnsupportedModelError
 from .graph.activations import layer_activations
 from .graph.spec import NetworkGraph
 from .graph.trace import describe
@@ -114,6 +114,20 @@ def gather_samples(data, n: int, *, seed: int = 0) -> torch.Tensor:
     return torch.cat(parts)[:n]
 
 
+def _describe(model: nn.Module, data, config: FusionConfig) -> NetworkGraph:
+    """Describe ``model``; when a conv map is flattened, measure its size on a couple of samples."""
+    try:
+        return describe(model)
+    except UnsupportedModelError as exc:
+        if "example input" not in str(exc):
+            raise
+    x = gather_samples(data, config.samples, seed=config.seed)[:2]
+    try:
+        return describe(model, example=x.to(next(model.parameters()).device, torch.float32))
+    except RuntimeError as exc:
+        raise DataError(f"data samples of shape {tuple(x.shape[1:])} do not fit {type(model).__name__}: {exc}") from exc
+
+
 def _check_model(i: int, model: nn.Module) -> None:
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.all(torch.isfinite(p)):
@@ -135,7 +149,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
     models = list(models)
     config.validate(len(models))
     timings: dict[str, float] = {}
-    graphs = [describe(m) for m in models]
+    graphs = [_describe(m, data, config) for m in models]
     for i, m in enumerate(models):
         _check_model(i, m)
     in_dims = {g.input_dim for g in graphs}
@@ -144,19 +158,36 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
         raise HetfuseError(f"models take different input sizes: {[g.input_dim for g in graphs]}")
     if len(out_dims) > 1:
         raise HetfuseError(f"models give different output sizes: {[g.output_dim for g in graphs]}")
+    conv = [g.conv for g in graphs]
+    if any(conv) and not all(conv):
+        raise HetfuseError("cannot fuse convolutional with fully connected models")
     x = gather_samples(data, config.samples, seed=config.seed)
-    feat = int(np.prod(x.shape[1:])) if x.dim() > 1 else 0
-    if feat != graphs[0].input_dim:
-        raise DataError(f"data samples have shape {tuple(x.shape[1:])} ({feat} features); the models expect "
-                        f"{graphs[0].input_dim} input features")
+    if conv[0]:
+        if x.dim() != 4 or x.shape[1] != graphs[0].input_dim:
+            raise DataError(f"data samples have shape {tuple(x.shape[1:])}; the models expect images with "
+                            f"{graphs[0].input_dim} channels (N x C x H x W)")
+    else:
+        feat = int(np.prod(x.shape[1:])) if x.dim() > 1 else 0
+        if feat != graphs[0].input_dim:
+            raise DataError(f"data samples have shape {tuple(x.shape[1:])} ({feat} features); the models expect "
+                            f"{graphs[0].input_dim} input features")
     params = [p for p in models[0].parameters()]
     device = params[0].device if params else torch.device("cpu")
     x = x.to(device=device, dtype=torch.float32)
 
-    # Canonical form: every model as an MLP, all with biases if any has one (so parameters correspond).
-    any_bias = any(m.bias is not None for mod in models for m in mod.modules() if isinstance(m, nn.Linear))
-    models = [to_mlp(m, g, bias=any_bias or None).to(device).eval() for m, g in zip(models, graphs)]
-    graphs = [describe(m) for m in models]
+    if conv[0]:
+        # Convolutional networks keep their own modules; their structures must correspond parameter by
+        # parameter (same architecture code, any widths).
+        models = [copy.deepcopy(m).to(device).eval() for m in models]
+        graphs = [describe(m, example=x[:2]) for m in models]
+        if len({g.depth for g in graphs}) > 1:
+            raise HetfuseError("fusing convolutional networks of different depth is not supported yet "
+                               f"(hidden neuron spaces: {[g.depth for g in graphs]})")
+    else:
+        # Canonical form: every model as an MLP, all with biases if any has one (so parameters correspond).
+        any_bias = any(m.bias is not None for mod in models for m in mod.modules() if isinstance(m, nn.Linear))
+        models = [to_mlp(m, g, bias=any_bias or None).to(device).eval() for m, g in zip(models, graphs)]
+        graphs = [describe(m) for m in models]
     depths = [g.depth for g in graphs]
     widths_in = [g.widths for g in graphs]
     target = config.target if config.target is not None else int(np.argmin(depths))

@@ -1,4 +1,5 @@
-"""Data sets: MNIST (from IDX files under a data root), any IDX folder, and scikit-learn's bundled digits.
+"""Data sets: MNIST (from IDX files under a data root), any IDX folder, scikit-learn's bundled digits,
+and CIFAR-10 / CIFAR-100 (see :mod:`hetfuse.data.cifar`).
 
 Nothing here downloads anything. The data root comes from ``--data`` (the ``root`` argument) or the
 ``HETFUSE_DATA`` environment variable.
@@ -18,7 +19,7 @@ import torch
 from ..errors import DataError
 
 ENV_VAR = "HETFUSE_DATA"
-KNOWN_DATASETS = ("mnist", "idx:PATH", "digits")
+KNOWN_DATASETS = ("mnist", "idx:PATH", "digits", "cifar10", "cifar100")
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -51,7 +52,7 @@ def resolve_data_root(root: str | os.PathLike | None) -> Path:
     if env:
         return Path(env).expanduser()
     raise DataError(
-        "no data root given: pass --data DIR (the folder that holds mnist/) "
+        "no data root given: pass --data-root DIR (the folder that holds mnist/, cifar10/) "
         f"or set the environment variable {ENV_VAR}=DIR"
     )
 
@@ -106,6 +107,7 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     input_shape: tuple
+    note: str | None = None  # caveat to report with results, e.g. "JPEG re-encoding of CIFAR-10"
 
     @property
     def input_dim(self) -> int:
@@ -190,7 +192,8 @@ def _load_digits() -> Dataset:
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None) -> Dataset:
-    """Load ``mnist`` (``<root>/mnist/``), ``idx:PATH`` (a folder of the four IDX files) or ``digits``."""
+    """Load ``mnist`` (``<root>/mnist/``), ``idx:PATH`` (a folder of the four IDX files), ``digits``,
+    ``cifar10`` (``<root>/cifar10/``) or ``cifar100`` (``<root>/cifar100/``)."""
     key = name.strip()
     low = key.lower()
     if low == "digits":
@@ -202,6 +205,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None) -> Dataset:
         return _load_idx_folder(folder, key)
     if low == "mnist":
         return _load_idx_folder(resolve_data_root(root) / "mnist", "mnist")
+    if low in ("cifar10", "cifar100"):
+        from .cifar import load_cifar
+
+        return load_cifar(low, resolve_data_root(root))
     raise DataError(f"unknown data set {name!r}; known: {', '.join(KNOWN_DATASETS)}")
 
 

@@ -44,6 +44,9 @@ class NeuronSpace:
     producers: list[str]
     act_module: str
     members: list[ParamAxis] = field(default_factory=list)
+    act_nodes: list[str] = field(default_factory=list)  # fx nodes whose outputs are the space's (pre-)activations
+    norms: list[str] = field(default_factory=list)      # BatchNorm modules normalising this space
+    stream: bool = False                                # a residual stream (several producers joined by additions)
 
     def out_members(self) -> list[ParamAxis]:
         return [m for m in self.members if m.role == "out"]
@@ -65,6 +68,7 @@ class NetworkGraph:
     output_dim: int
     chain: bool
     layer_modules: list[str]
+    conv: bool = False
 
     @property
     def depth(self) -> int:

@@ -1,29 +1,51 @@
 """Derive a network's description by tracing it with torch.fx.
 
-Supported now: ``nn.Linear`` (with or without bias), ReLU (module, ``F.relu``, ``torch.relu``,
-``.relu()``), dropout, identity, and flatten/view/reshape of an already flat tensor. Anything else
-raises :class:`~hetfuse.errors.UnsupportedModelError` naming the node and its op. The walk keeps,
-for every value in the graph, the neuron space it lives in, so new layer types (convolutions,
-BatchNorm, residual additions) only add cases here.
+Supported: ``nn.Linear``; ``nn.Conv2d`` (groups = 1, any kernel/stride/padding, with or without
+bias); ``nn.BatchNorm1d/2d`` (weight, bias, running mean and variance tied to the channel); ReLU
+(module, ``F.relu``, ``torch.relu``, ``.relu()``); max/avg/adaptive-avg pooling; dropout; identity;
+flatten/view/reshape (from a conv map to a linear layer each channel ties a block of H·W input
+columns); residual addition (both operands share one neuron space: a residual stream spans the
+stem or previous stage output, every block's last conv/BN and the shortcut projection). Anything
+else raises :class:`~hetfuse.errors.UnsupportedModelError` naming the node and its op.
+
+The walk keeps, for every value in the graph, the neuron space it lives in; additions merge spaces
+(union-find). Activations of a space are read at its ``act_nodes``: the producing layer (or the
+BatchNorm that follows it) for an ordinary layer, and every point where a residual stream is formed
+(the stem's output and each addition) for a stream.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
 from .spec import NetworkGraph, NeuronSpace, ParamAxis
 
-_PASS_MODULES = (nn.ReLU, nn.Dropout, nn.Identity, nn.Flatten)
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.dropout, torch.flatten}
-_PASS_METHODS = {"relu", "view", "reshape", "flatten", "contiguous"}
+_ACT_MODULES = (nn.ReLU, nn.Dropout, nn.Identity)
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_ACT_FUNCTIONS = {F.relu, torch.relu, F.dropout}
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_FLATTEN_FUNCTIONS = {torch.flatten}
+_ACT_METHODS = {"relu", "contiguous"}
+_FLATTEN_METHODS = {"view", "reshape", "flatten"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _INPUT = -1
 _META = -2  # a shape or size value (x.shape, x.size(0)): allowed as an argument of view/reshape only
+
+
+@dataclass
+class _Val:
+    space: int            # index into the provisional spaces, _INPUT or _META
+    spatial: bool = False  # N x C x H x W (channels are the neurons)
+    hw: int | None = None  # H * W when known
+    block: int = 1         # after flattening a conv map: input columns per channel
 
 
 def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -36,106 +58,229 @@ def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return f"{node.op} {node.target}"
 
 
-def describe(model: nn.Module) -> NetworkGraph:
-    """Trace ``model`` and return its :class:`NetworkGraph`.
-
-    The neuron space that reaches the model's output is the output layer: it is never permuted.
-    """
+def trace(model: nn.Module) -> fx.GraphModule:
     try:
-        gm = fx.symbolic_trace(model)
+        return fx.symbolic_trace(model)
     except Exception as exc:  # data-dependent control flow, unsupported Python constructs...
         raise UnsupportedModelError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
             "hetfuse needs a model without data-dependent control flow") from exc
-    modules = dict(gm.named_modules())
-    space_of: dict[fx.Node, int] = {}
-    spaces: list[NeuronSpace] = []
-    linear_order: list[str] = []
-    consumers: dict[int, list[str]] = {}
-    output_space: int | None = None
 
-    def source(node: fx.Node, arg) -> int:
-        if not isinstance(arg, fx.Node) or arg not in space_of:
+
+def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGraph:
+    """Trace ``model`` and return its :class:`NetworkGraph`.
+
+    ``example`` (a batch of inputs) lets the tracer measure feature-map sizes; it is needed only when a
+    conv feature map larger than 1x1 is flattened into a linear layer. The neuron space that reaches
+    the model's output is the output layer: it is never permuted.
+    """
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    if example is not None:
+        was = model.training
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example[:2])
+        model.train(was)
+    vals: dict[fx.Node, _Val] = {}
+    spaces: list[NeuronSpace] = []
+    parent: list[int] = []
+    consumers: dict[int, list[str]] = {}
+    layer_order: list[str] = []
+    output: _Val | None = None
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def source(node: fx.Node, arg) -> _Val:
+        if not isinstance(arg, fx.Node) or arg not in vals:
+            raise UnsupportedModelError(f"node '{node.name}' ({_op_name(node, modules)}): unsupported input {arg!r}")
+        return vals[arg]
+
+    def hw_of(node: fx.Node) -> int | None:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and len(meta.shape) == 4:
+            return int(meta.shape[2] * meta.shape[3])
+        return None
+
+    def new_space(node: fx.Node, name: str, size: int, kind: str, members: list[ParamAxis]) -> int:
+        spaces.append(NeuronSpace(name=name, size=size, kind=kind, producers=[name], act_module=name,
+                                  members=members, act_nodes=[node.name]))
+        parent.append(len(spaces) - 1)
+        return len(spaces) - 1
+
+    def consume(node: fx.Node, v: _Val, weight: str, in_features: int, block: int = 1) -> None:
+        if v.space == _META:
+            raise UnsupportedModelError(f"node '{node.name}': layer applied to a shape value")
+        if v.space == _INPUT:
+            return
+        s = find(v.space)
+        if spaces[s].size * block != in_features:
             raise UnsupportedModelError(
-                f"node '{node.name}' ({_op_name(node, modules)}): unsupported input {arg!r}")
-        return space_of[arg]
+                f"node '{node.name}': '{node.target}' takes {in_features} inputs but its input layer has "
+                f"{spaces[s].size} neurons" + (f" x {block} positions" if block > 1 else ""))
+        spaces[s].members.append(ParamAxis(weight, 1, "in", block))
+        consumers.setdefault(s, []).append(str(node.target))
 
     for node in gm.graph.nodes:
+        mod = modules.get(node.target) if node.op == "call_module" else None
         if node.op == "placeholder":
-            if space_of:
+            if vals:
                 raise UnsupportedModelError(f"node '{node.name}': models with several inputs are not supported")
-            space_of[node] = _INPUT
+            vals[node] = _Val(_INPUT, spatial=False)
         elif node.op == "get_attr":
             raise UnsupportedModelError(f"node '{node.name}': direct use of the tensor attribute "
                                         f"'{node.target}' in forward is not supported")
         elif node.op == "output":
-            arg = node.args[0]
-            output_space = source(node, arg)
-        elif node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
-            lin: nn.Linear = modules[node.target]
-            s_in = source(node, node.args[0])
-            name = node.target
-            if s_in == _META:
-                raise UnsupportedModelError(f"node '{node.name}': Linear '{name}' applied to a shape value")
-            if s_in != _INPUT:
-                if spaces[s_in].size != lin.in_features:
-                    raise UnsupportedModelError(
-                        f"node '{node.name}': Linear '{name}' takes {lin.in_features} inputs but its input "
-                        f"layer has {spaces[s_in].size} neurons")
-                spaces[s_in].members.append(ParamAxis(f"{name}.weight", 1, "in"))
-                consumers.setdefault(s_in, []).append(name)
-            members = [ParamAxis(f"{name}.weight", 0, "out")]
-            if lin.bias is not None:
-                members.append(ParamAxis(f"{name}.bias", 0, "out"))
-            spaces.append(NeuronSpace(name=name, size=lin.out_features, kind="linear", producers=[name],
-                                      act_module=name, members=members))
-            space_of[node] = len(spaces) - 1
-            linear_order.append(name)
-        elif (node.op == "call_module" and isinstance(modules[node.target], _PASS_MODULES)) or \
-                (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or \
-                (node.op == "call_method" and node.target in _PASS_METHODS):
-            src = source(node, node.args[0])
-            if src == _META:
+            output = source(node, node.args[0])
+        elif isinstance(mod, nn.Linear):
+            v = source(node, node.args[0])
+            if v.spatial:
+                raise UnsupportedModelError(f"node '{node.name}': Linear '{node.target}' applied to a conv feature "
+                                            "map without flattening")
+            block = v.block
+            consume(node, v, f"{node.target}.weight", mod.in_features, block)
+            members = [ParamAxis(f"{node.target}.weight", 0, "out")]
+            if mod.bias is not None:
+                members.append(ParamAxis(f"{node.target}.bias", 0, "out"))
+            vals[node] = _Val(new_space(node, node.target, mod.out_features, "linear", members))
+            layer_order.append(node.target)
+        elif isinstance(mod, nn.Conv2d):
+            if mod.groups != 1:
+                raise UnsupportedModelError(f"node '{node.name}': grouped convolution '{node.target}' "
+                                            f"(groups={mod.groups}) is not supported")
+            v = source(node, node.args[0])
+            if v.space != _INPUT and not v.spatial:
+                raise UnsupportedModelError(f"node '{node.name}': Conv2d '{node.target}' applied to a flat tensor")
+            consume(node, v, f"{node.target}.weight", mod.in_channels)
+            members = [ParamAxis(f"{node.target}.weight", 0, "out")]
+            if mod.bias is not None:
+                members.append(ParamAxis(f"{node.target}.bias", 0, "out"))
+            vals[node] = _Val(new_space(node, node.target, mod.out_channels, "conv", members), spatial=True,
+                              hw=hw_of(node))
+            layer_order.append(node.target)
+        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            v = source(node, node.args[0])
+            if v.space in (_INPUT, _META):
+                raise UnsupportedModelError(f"node '{node.name}': BatchNorm '{node.target}' on the raw input is "
+                                            "not supported")
+            s = find(v.space)
+            if spaces[s].size != mod.num_features:
+                raise UnsupportedModelError(f"node '{node.name}': BatchNorm '{node.target}' has {mod.num_features} "
+                                            f"channels, its input {spaces[s].size}")
+            names = [n for n in ("weight", "bias", "running_mean", "running_var")
+                     if getattr(mod, n, None) is not None]
+            spaces[s].members.extend(ParamAxis(f"{node.target}.{n}", 0, "out") for n in names)
+            spaces[s].norms.append(node.target)
+            # the stream/layer is now read after this normalisation
+            if node.args[0].name in spaces[s].act_nodes:
+                spaces[s].act_nodes[spaces[s].act_nodes.index(node.args[0].name)] = node.name
+            else:
+                spaces[s].act_nodes.append(node.name)
+            if spaces[s].act_module == spaces[s].producers[-1]:
+                spaces[s].act_module = node.target
+            vals[node] = _Val(v.space, spatial=v.spatial, hw=v.hw)
+        elif isinstance(mod, _ACT_MODULES) or (node.op == "call_function" and node.target in _ACT_FUNCTIONS) or \
+                (node.op == "call_method" and node.target in _ACT_METHODS):
+            v = source(node, node.args[0])
+            if v.space == _META:
                 raise UnsupportedModelError(f"node '{node.name}': unsupported use of a shape value")
-            if node.op in ("call_method", "call_function") and node.target in ("view", "reshape", "flatten",
-                                                                               torch.flatten):
-                if src != _INPUT:
-                    _check_flat_reshape(node, spaces[src].size)
-            space_of[node] = src
+            vals[node] = v
+        elif isinstance(mod, _POOL_MODULES) or (node.op == "call_function" and node.target in _POOL_FUNCTIONS):
+            v = source(node, node.args[0])
+            if not v.spatial:
+                raise UnsupportedModelError(f"node '{node.name}': pooling of a flat tensor")
+            out_hw = hw_of(node)
+            if out_hw is None:
+                size = getattr(mod, "output_size", None) if mod is not None else \
+                    (node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"))
+                if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or \
+                        node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+                    if size in (1, (1, 1), [1, 1]):
+                        out_hw = 1
+            vals[node] = _Val(v.space, spatial=True, hw=out_hw)
+        elif isinstance(mod, nn.Flatten) or (node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS) or \
+                (node.op == "call_method" and node.target in _FLATTEN_METHODS):
+            v = source(node, node.args[0])
+            if v.space == _META:
+                raise UnsupportedModelError(f"node '{node.name}': unsupported use of a shape value")
+            if v.space != _INPUT and not v.spatial and node.op == "call_method" and node.target != "flatten":
+                _check_flat_reshape(node, spaces[find(v.space)].size)
+            out = _Val(v.space, spatial=False, block=v.block)
+            if v.spatial and v.space != _INPUT:
+                if v.hw is None:
+                    raise UnsupportedModelError(
+                        f"node '{node.name}': flattening a conv feature map of unknown size; pass an example "
+                        "input (describe(model, example=x)) so hetfuse can measure it")
+                out.block = v.hw
+            vals[node] = out
+        elif node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+            a, b = (source(node, x) for x in node.args[:2])
+            if _INPUT in (a.space, b.space) or _META in (a.space, b.space):
+                raise UnsupportedModelError(f"node '{node.name}': addition involving the raw input or a shape "
+                                            "value is not supported")
+            ra, rb = find(a.space), find(b.space)
+            if spaces[ra].size != spaces[rb].size:
+                raise UnsupportedModelError(
+                    f"node '{node.name}': residual stream with inconsistent channel counts: "
+                    f"'{spaces[ra].name}' has {spaces[ra].size}, '{spaces[rb].name}' {spaces[rb].size}")
+            if ra != rb:
+                keep, drop = min(ra, rb), max(ra, rb)
+                spaces[keep].members.extend(spaces[drop].members)
+                spaces[keep].producers.extend(spaces[drop].producers)
+                spaces[keep].norms.extend(spaces[drop].norms)
+                spaces[keep].act_nodes = [n for n in spaces[keep].act_nodes + spaces[drop].act_nodes]
+                consumers.setdefault(keep, []).extend(consumers.pop(drop, []))
+                parent[drop] = keep
+                ra = keep
+            spaces[ra].stream = True
+            # a stream is read where it is formed: drop the operands' read points, keep the sum
+            for operand in node.args[:2]:
+                if operand.name in spaces[ra].act_nodes:
+                    spaces[ra].act_nodes.remove(operand.name)
+            spaces[ra].act_nodes.append(node.name)
+            vals[node] = _Val(ra, spatial=a.spatial, hw=a.hw if a.hw is not None else b.hw)
         elif (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or \
                 (node.op == "call_method" and node.target in ("size", "dim")):
             source(node, node.args[0])
-            space_of[node] = _META
+            vals[node] = _Val(_META)
         elif node.op == "call_function" and node.target is operator.getitem and \
-                isinstance(node.args[0], fx.Node) and space_of.get(node.args[0]) == _META:
-            space_of[node] = _META
-        elif node.op == "call_function" and node.target is operator.getitem:
-            raise UnsupportedModelError(f"node '{node.name}': indexing ({_op_name(node, modules)}) is not supported")
+                isinstance(node.args[0], fx.Node) and vals.get(node.args[0], _Val(_INPUT)).space == _META:
+            vals[node] = _Val(_META)
         else:
             raise UnsupportedModelError(
-                f"node '{node.name}': unsupported op {_op_name(node, modules)}; hetfuse supports Linear, "
-                "ReLU, dropout, identity and flatten for now")
+                f"node '{node.name}': unsupported op {_op_name(node, modules)}; hetfuse supports Linear, Conv2d "
+                "(groups=1), BatchNorm, ReLU, pooling, dropout, flatten and residual addition")
 
-    if output_space is None or output_space in (_INPUT, _META):
-        raise UnsupportedModelError(f"{type(model).__name__}: the output does not come from a Linear layer")
-    out = spaces[output_space]
-    if output_space != len(spaces) - 1 or consumers.get(output_space):
-        raise UnsupportedModelError(f"{type(model).__name__}: the output layer '{out.name}' must be the last layer")
-    hidden = spaces[:output_space]
-    for i, s in enumerate(hidden):
+    if output is None or output.space in (_INPUT, _META):
+        raise UnsupportedModelError(f"{type(model).__name__}: the output does not come from a layer")
+    out_root = find(output.space)
+    out_space = spaces[out_root]
+    if out_space.stream or consumers.get(out_root) or out_space.kind != "linear":
+        raise UnsupportedModelError(f"{type(model).__name__}: the output must come from a final Linear layer "
+                                    f"('{out_space.name}')")
+    roots = [i for i in range(len(spaces)) if find(i) == i and i != out_root]
+    for i in roots:
         if i not in consumers:
-            raise UnsupportedModelError(f"hidden layer '{s.name}' is never used by a later layer")
-    first = modules[linear_order[0]]
-    chain = all(len(consumers.get(i, [])) == 1 and consumers[i][0] == linear_order[i + 1] for i in range(len(hidden)))
-    return NetworkGraph(spaces=hidden, input_dim=first.in_features, output_dim=out.size, chain=chain,
-                        layer_modules=linear_order)
+            raise UnsupportedModelError(f"hidden layer '{spaces[i].name}' is never used by a later layer")
+    hidden = [spaces[i] for i in roots]
+    first = modules[layer_order[0]]
+    input_dim = first.in_features if isinstance(first, nn.Linear) else first.in_channels
+    order = {name: k for k, name in enumerate(layer_order)}
+    chain = len(hidden) == len(layer_order) - 1 and all(
+        not s.stream and len(consumers[i]) == 1 and order[consumers[i][0]] == order[s.producers[0]] + 1
+        for i, s in zip(roots, hidden))
+    return NetworkGraph(spaces=hidden, input_dim=input_dim, output_dim=out_space.size, chain=chain,
+                        layer_modules=layer_order,
+                        conv=any(s.kind == "conv" for s in hidden))
 
 
 def _check_flat_reshape(node: fx.Node, size: int) -> None:
-    """A view/reshape/flatten of a hidden layer is only allowed as a no-op on (batch, features)."""
-    args = [a for a in node.args[1:]]
-    if node.target in ("flatten", torch.flatten):
-        return
+    """A view/reshape of a flat hidden layer is only allowed as a no-op on (batch, features)."""
+    args = list(node.args[1:])
     dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
     if len(dims) == 2 and (dims[1] in (-1, size)):
         return

@@ -1,6 +1,9 @@
-"""Model zoo."""
+"""Model zoo: MLP, CIFAR VGG-11/13/16/19, CIFAR ResNets (see :mod:`hetfuse.models.registry`)."""
 
 from .mlp import MLP
-from .registry import build_model, model_from_arch, parse_arch
+from .registry import ZOO, build_model, list_archs, model_from_arch, parse_arch
+from .resnet import BasicBlock, ResNet, resnet18, resnet20, resnet26, resnet32, resnet34, resnet50
+from .vgg import VGG
 
-__all__ = ["MLP", "build_model", "model_from_arch", "parse_arch"]
+__all__ = ["MLP", "VGG", "ResNet", "BasicBlock", "ZOO", "build_model", "list_archs", "model_from_arch",
+           "parse_arch", "resnet18", "resnet20", "resnet26", "resnet32", "resnet34", "resnet50"]
