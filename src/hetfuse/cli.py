@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="permutation self-check of a checkpoint's network description")
     p.add_argument("model")
+    p.add_argument("--image-size", type=int, default=32, help="height and width of the random test images fed to "
+                                                              "convolutional models (default 32)")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
@@ -131,9 +133,11 @@ def _check_dims(models, ds, paths) -> None:
 
     for m, p in zip(models, paths):
         g = describe(m)
-        if g.input_dim != ds.input_dim or g.output_dim != ds.num_classes:
+        want = ds.input_shape[0] if g.conv else ds.input_dim
+        unit = "input channels" if g.conv else "input features"
+        if g.input_dim != want or g.output_dim != ds.num_classes:
             raise HetfuseError(f"{p}: model maps {g.input_dim} inputs to {g.output_dim} outputs, but {ds.name} has "
-                               f"{ds.input_dim} input features and {ds.num_classes} classes")
+                               f"{want} {unit} and {ds.num_classes} classes")
 
 
 def cmd_train(a) -> int:
@@ -286,7 +290,8 @@ def cmd_check(a) -> int:
     models, _ = _load_models([a.model], a.allow_pickle)
     model = models[0]
     g = describe(model)
-    x = torch.randn(64, g.input_dim, generator=torch.Generator().manual_seed(a.seed))
+    shape = (g.input_dim, a.image_size, a.image_size) if g.conv else (g.input_dim,)
+    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(a.seed))
     diff = check_permutation_invariance(model, g, x, seed=a.seed)
     print(f"{a.model}: {g.depth} hidden neuron spaces {g.widths}; permuting all of them changed the outputs by "
           f"{diff:.3g}: OK")

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 from .align.cla import cross_layer_alignment
 from .balance.mlp import add_identity_layers, merge_layers, to_mlp
 from .config import FusionConfig, normalize_weights
-from .errors import DataError, HetfuseError, UnsupportedModelError
+from .errors import DataError, HetfuseError
 from .graph.activations import layer_activations
 from .graph.spec import NetworkGraph
 from .graph.trace import describe
 from .match.align import align_model
-from .repair.stats import Stats, interpolate_stats, neuron_stats, repair_model
+from .repair.stats import Stats, has_batchnorm, interpolate_stats, neuron_stats, repair_model, reset_batchnorm
 from .similarity.representations import LayerRep, layer_cost_matrix
 
 
@@ -84,8 +84,11 @@ class PreparedFusion:
                 fused_state[k] = self.aligned_states[self.target_index][k]
         model = self.model_from_state(fused_state)
         if repair:
-            target_stats = interpolate_stats(self.parent_stats(), w)
-            repair_model(model, self.target_graph, self.samples, target_stats)
+            if has_batchnorm(model):
+                reset_batchnorm(model, self.samples)
+            else:
+                target_stats = interpolate_stats(self.parent_stats(), w)
+                repair_model(model, self.target_graph, self.samples, target_stats)
         return model.eval()
 
 
@@ -114,20 +117,6 @@ def gather_samples(data, n: int, *, seed: int = 0) -> torch.Tensor:
     return torch.cat(parts)[:n]
 
 
-def _describe(model: nn.Module, data, config: FusionConfig) -> NetworkGraph:
-    """Describe ``model``; when a conv map is flattened, measure its size on a couple of samples."""
-    try:
-        return describe(model)
-    except UnsupportedModelError as exc:
-        if "example input" not in str(exc):
-            raise
-    x = gather_samples(data, config.samples, seed=config.seed)[:2]
-    try:
-        return describe(model, example=x.to(next(model.parameters()).device, torch.float32))
-    except RuntimeError as exc:
-        raise DataError(f"data samples of shape {tuple(x.shape[1:])} do not fit {type(model).__name__}: {exc}") from exc
-
-
 def _check_model(i: int, model: nn.Module) -> None:
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.all(torch.isfinite(p)):
@@ -149,7 +138,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
     models = list(models)
     config.validate(len(models))
     timings: dict[str, float] = {}
-    graphs = [_describe(m, data, config) for m in models]
+    graphs = [describe(m) for m in models]
     for i, m in enumerate(models):
         _check_model(i, m)
     in_dims = {g.input_dim for g in graphs}
@@ -179,7 +168,10 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
         # Convolutional networks keep their own modules; their structures must correspond parameter by
         # parameter (same architecture code, any widths).
         models = [copy.deepcopy(m).to(device).eval() for m in models]
-        graphs = [describe(m, example=x[:2]) for m in models]
+        try:
+            graphs = [describe(m, example=x[:2]) for m in models]
+        except RuntimeError as exc:
+            raise DataError(f"data samples of shape {tuple(x.shape[1:])} do not fit the models: {exc}") from exc
         if len({g.depth for g in graphs}) > 1:
             raise HetfuseError("fusing convolutional networks of different depth is not supported yet "
                                f"(hidden neuron spaces: {[g.depth for g in graphs]})")

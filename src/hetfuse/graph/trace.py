@@ -45,7 +45,7 @@ class _Val:
     space: int            # index into the provisional spaces, _INPUT or _META
     spatial: bool = False  # N x C x H x W (channels are the neurons)
     hw: int | None = None  # H * W when known
-    block: int = 1         # after flattening a conv map: input columns per channel
+    block: int | None = 1  # after flattening a conv map: input columns per channel (None: H*W not yet known)
 
 
 def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -70,9 +70,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
 def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGraph:
     """Trace ``model`` and return its :class:`NetworkGraph`.
 
-    ``example`` (a batch of inputs) lets the tracer measure feature-map sizes; it is needed only when a
-    conv feature map larger than 1x1 is flattened into a linear layer. The neuron space that reaches
-    the model's output is the output layer: it is never permuted.
+    ``example`` (a batch of inputs) lets the tracer measure feature-map sizes; without it, the number of
+    input columns per channel of a flattened conv map is read off the consuming Linear's fan-in. The
+    neuron space that reaches the model's output is the output layer: it is never permuted.
     """
     gm = trace(model)
     modules = dict(gm.named_modules())
@@ -142,6 +142,13 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
                 raise UnsupportedModelError(f"node '{node.name}': Linear '{node.target}' applied to a conv feature "
                                             "map without flattening")
             block = v.block
+            if block is None:  # flattened map of unknown size: NCHW flattening is channel-major
+                c = spaces[find(v.space)].size
+                if mod.in_features % c:
+                    raise UnsupportedModelError(
+                        f"node '{node.name}': Linear '{node.target}' takes {mod.in_features} inputs, not a multiple "
+                        f"of the {c} channels flattened into it")
+                block = mod.in_features // c
             consume(node, v, f"{node.target}.weight", mod.in_features, block)
             members = [ParamAxis(f"{node.target}.weight", 0, "out")]
             if mod.bias is not None:
@@ -211,11 +218,7 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
                 _check_flat_reshape(node, spaces[find(v.space)].size)
             out = _Val(v.space, spatial=False, block=v.block)
             if v.spatial and v.space != _INPUT:
-                if v.hw is None:
-                    raise UnsupportedModelError(
-                        f"node '{node.name}': flattening a conv feature map of unknown size; pass an example "
-                        "input (describe(model, example=x)) so hetfuse can measure it")
-                out.block = v.hw
+                out.block = v.hw  # None when unknown: the consuming Linear's fan-in tells
             vals[node] = out
         elif node.op == "call_function" and node.target in _ADD_FUNCTIONS:
             a, b = (source(node, x) for x in node.args[:2])

@@ -1,5 +1,5 @@
 """Statistics repair of fused networks."""
 
-from .stats import interpolate_stats, neuron_stats, repair_model
+from .stats import has_batchnorm, interpolate_stats, neuron_stats, repair_model, reset_batchnorm
 
-__all__ = ["interpolate_stats", "neuron_stats", "repair_model"]
+__all__ = ["has_batchnorm", "interpolate_stats", "neuron_stats", "repair_model", "reset_batchnorm"]

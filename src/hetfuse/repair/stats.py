@@ -36,20 +36,50 @@ def interpolate_stats(stats: Sequence[Stats], weights: Sequence[float]) -> Stats
 
 
 @torch.no_grad()
+def reset_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> nn.Module:
+    """Recompute every BatchNorm's running statistics on ``x`` (the "BN reset" of REPAIR/ZipIt).
+
+    The statistics are reset and accumulated as exact averages over the batches (momentum None);
+    only the BatchNorm layers run in training mode, so dropout stays off. The model ends in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            model(x[start:start + batch_size])
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        model.eval()
+    return model
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
 def repair_model(model: nn.Module, graph: NetworkGraph, x: torch.Tensor, target: Stats, *,
                  eps: float = 1e-6) -> nn.Module:
     """Correct ``model`` in place so each hidden neuron matches ``target`` (mean, std) on ``x``.
 
-    The producing Linear of each layer is rescaled row-wise and its bias shifted (a zero bias is
-    added where the layer had none). A neuron whose fused pre-activation is constant keeps its
-    scale and only has its mean moved.
+    The producing Linear or Conv2d of each layer is rescaled per output neuron and its bias shifted
+    (a zero bias is added where the layer had none). A neuron whose fused pre-activation is constant
+    keeps its scale and only has its mean moved. For networks with BatchNorm use
+    :func:`reset_batchnorm` instead.
     """
     modules = dict(model.named_modules())
     for l, space in enumerate(graph.spaces):
-        if space.kind != "linear" or len(space.producers) != 1 or space.act_module != space.producers[0]:
-            raise HetfuseError(f"repair of layer '{space.name}' ({space.kind}) is not supported yet")
+        if space.stream or len(space.producers) != 1 or space.act_module != space.producers[0]:
+            raise HetfuseError(f"REPAIR of layer '{space.name}' (a residual stream or a normalised layer) is not "
+                               "supported; networks with BatchNorm are repaired by resetting its statistics")
         lin = modules[space.producers[0]]
-        acts = layer_activations(model, graph, x)[l]
+        acts = layer_activations(model, graph, x, layers=[l])[l]
         mu_f, sd_f = acts.mean(0), acts.std(0, unbiased=False)
         dev = lin.weight.device
         mu_f, sd_f = mu_f.to(dev), sd_f.to(dev)
@@ -58,7 +88,7 @@ def repair_model(model: nn.Module, graph: NetworkGraph, x: torch.Tensor, target:
         w = lin.weight.to(torch.float64)
         b = lin.bias.to(torch.float64) if lin.bias is not None else \
             torch.zeros(w.shape[0], dtype=torch.float64, device=dev)
-        new_w = w * scale[:, None]
+        new_w = w * scale.view(-1, *([1] * (w.dim() - 1)))
         new_b = (b - mu_f) * scale + mu_t
         lin.weight.copy_(new_w.to(lin.weight.dtype))
         if lin.bias is None:
