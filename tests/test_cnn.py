@@ -189,7 +189,10 @@ def test_batchnorm_reset_repair_uses_the_samples(x):
     torch.testing.assert_close(first_bn.running_var, z.var((0, 2, 3), unbiased=True), rtol=1e-3, atol=1e-5)
 
 
-def test_conv_fusion_of_different_depths_is_refused_for_now():
-    data = torch.randn(16, 3, 32, 32)
-    with pytest.raises(Exception, match="different depth"):
-        fuse([zoo("resnet20:w=0.5"), zoo("resnet26:w=0.5")], data, samples=8)
+def test_conv_fusion_of_different_depths_balances_with_zero_blocks(x):
+    shallow, deep = zoo("resnet20:w=0.5", 1), zoo("resnet26:w=0.5", 2)
+    data = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    res = fuse([shallow, deep], data, weights=[1.0, 0.0], samples=8, repair=False)
+    assert res.model.arch()["blocks"] == [4, 4, 4]
+    assert res.report["mappings"][0]["groups"][0]["kind"] == "block"
+    torch.testing.assert_close(res.model(x), shallow(x), rtol=0, atol=0)

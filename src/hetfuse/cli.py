@@ -28,17 +28,38 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hetfuse", description="Fuse trained networks of different depths and widths.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model from the zoo")
-    p.add_argument("--arch", required=True, help="architecture, e.g. mlp:400,200,100")
+    p = sub.add_parser("train", help="train a model from the zoo",
+                       description="Train a model from the zoo. Defaults that depend on --dataset: for cifar10 / "
+                                   "cifar100, SGD with Nesterov momentum 0.9, lr 0.1 (the peak of a one-cycle "
+                                   "schedule), weight decay 5e-4, label smoothing 0.1, batch 128, random crop + "
+                                   "flip; otherwise (mnist, idx:PATH, digits) plain SGD at a constant lr 0.01, "
+                                   "momentum 0.5, batch 64, no weight decay, smoothing or augmentation, as the "
+                                   "paper. Every explicit flag overrides its default.")
+    p.add_argument("--arch", required=True,
+                   help="architecture, e.g. mlp:400,200,100, vgg11:w=0.25,bn, resnet18:w=0.25, resnet20:w=4")
     p.add_argument("--bias", action="store_true", help="give the Linear layers biases (default: none, as the paper)")
     p.add_argument("--split", default="all", choices=["all", "skill-a", "skill-b"],
                    help="skill-a: every image of label 4 plus 10%% of the others; skill-b: the rest")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the random skill split (default 0)")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (peak lr with --schedule onecycle); default 0.1 for cifar, else 0.01")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum; default 0.9 for cifar, else 0.5")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov momentum; default on for cifar, off otherwise")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 for cifar, else 64")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4 for cifar, else 0")
+    p.add_argument("--schedule", choices=["constant", "onecycle"], default=None,
+                   help="learning-rate schedule, one-cycle stepped per batch; default onecycle for cifar, "
+                        "else constant")
+    p.add_argument("--label-smoothing", type=float, default=None, help="default 0.1 for cifar, else 0")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop (padding 4) + horizontal flip of every batch; default on for cifar, else off")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last memory format for conv models (see results/train_speed/ for whether it "
+                        "pays on your CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the batch order and the "
+                                                       "augmentation")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     _add_common(p)
@@ -91,11 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("experiment", help="paper reproductions on real MNIST")
-    p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model"])
+    p = sub.add_parser("experiment", help="paper reproductions (MNIST MLPs; CIFAR-10 CNNs scaled to a CPU)")
+    p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model", "cifar-resnet", "cifar-vgg"])
     p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,3")
     p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of each parent (default 10)")
     p.add_argument("--samples", type=int, default=400)
     p.add_argument("--data-root", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -140,6 +161,19 @@ def _check_dims(models, ds, paths) -> None:
                                f"{want} {unit} and {ds.num_classes} classes")
 
 
+_CIFAR_TRAIN_DEFAULTS = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "batch_size": 128, "weight_decay": 5e-4,
+                         "schedule": "onecycle", "label_smoothing": 0.1, "augment": True}
+_PLAIN_TRAIN_DEFAULTS = {"lr": 0.01, "momentum": 0.5, "nesterov": False, "batch_size": 64, "weight_decay": 0.0,
+                         "schedule": "constant", "label_smoothing": 0.0, "augment": False}
+
+
+def _train_settings(a) -> dict:
+    """The training hyper-parameters: explicit flags, else the defaults of the data set's family."""
+    cifar = a.dataset.strip().lower() in ("cifar10", "cifar100")
+    defaults = _CIFAR_TRAIN_DEFAULTS if cifar else _PLAIN_TRAIN_DEFAULTS
+    return {k: (getattr(a, k) if getattr(a, k) is not None else v) for k, v in defaults.items()}
+
+
 def cmd_train(a) -> int:
     import torch
 
@@ -150,19 +184,44 @@ def cmd_train(a) -> int:
 
     out = Path(a.out)
     _refuse_existing([out], a.force)
-    ds = load_dataset(a.dataset, a.data_root)
-    arch = parse_arch(a.arch, input_dim=ds.input_dim, output_dim=ds.num_classes, bias=a.bias)
     if a.epochs < 1:
         raise HetfuseError("--epochs must be at least 1")
+    cfg = _train_settings(a)
+    if cfg["batch_size"] < 1:
+        raise HetfuseError("--batch-size must be at least 1")
+    ds = load_dataset(a.dataset, a.data_root)
+    try:
+        arch = parse_arch(a.arch, input_dim=ds.input_dim, output_dim=ds.num_classes, bias=a.bias,
+                          input_shape=ds.input_shape)
+    except ValueError as e:
+        raise HetfuseError(f"--arch {a.arch!r}: {e}") from None
     torch.manual_seed(a.seed)
     model = model_from_arch(arch)
+    conv = arch.get("type") != "mlp"
+    if cfg["augment"] and not conv:
+        raise HetfuseError(f"--augment crops images, but {a.arch} is an MLP; pass --no-augment")
+    x_train = ds.x_train if conv or ds.x_train.ndim == 2 else ds.x_train.reshape(ds.x_train.shape[0], -1)
     idx = skill_split(ds.y_train, a.split, seed=a.split_seed)
-    hist = train_model(model, ds.x_train[idx], ds.y_train[idx], epochs=a.epochs, lr=a.lr, momentum=a.momentum,
-                       batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, desc=f"train {a.arch}")
-    acc = accuracy(model, ds.x_test, ds.y_test)
-    meta = {"dataset": a.dataset, "split": a.split, "split_seed": a.split_seed, "epochs": a.epochs, "lr": a.lr,
-            "momentum": a.momentum, "batch_size": a.batch_size, "seed": a.seed, "train_examples": int(len(idx)),
-            "test_accuracy": acc, "history": hist}
+    if ds.note:
+        print(f"note: {ds.note}")
+    hist = train_model(model, x_train[idx], ds.y_train[idx], epochs=a.epochs, lr=cfg["lr"],
+                       momentum=cfg["momentum"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"],
+                       seed=a.seed, progress=not a.quiet, desc=f"train {a.arch}", augment=cfg["augment"],
+                       schedule=cfg["schedule"], label_smoothing=cfg["label_smoothing"], nesterov=cfg["nesterov"],
+                       channels_last=a.channels_last, record_time=True)
+    for h in hist:
+        print(f"epoch {h['epoch']}/{a.epochs}: loss {h['loss']:.4f}, train accuracy {h['train_acc']:.2f}%, "
+              f"{h['seconds']:.2f} s")
+    if a.channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
+    x_test = ds.x_test if conv or ds.x_test.ndim == 2 else ds.x_test.reshape(ds.x_test.shape[0], -1)
+    acc = accuracy(model, x_test, ds.y_test)
+    meta = {"dataset": a.dataset, "arch_spec": a.arch, "split": a.split, "split_seed": a.split_seed,
+            "epochs": a.epochs, **cfg, "channels_last": bool(a.channels_last), "seed": a.seed,
+            "train_examples": int(len(idx)), "test_accuracy": acc,
+            "train_seconds": float(sum(h["seconds"] for h in hist)), "history": hist}
+    if ds.note:
+        meta["data_note"] = ds.note
     save_checkpoint(model, out, metadata=meta, force=a.force)
     print(f"{out}: {a.arch} trained on {a.dataset} ({a.split}, {len(idx)} examples), test accuracy {acc:.2f}%")
     return 0
@@ -306,11 +365,16 @@ def cmd_demo(a) -> int:
 
 
 def cmd_experiment(a) -> int:
-    from .experiments import parse_seeds, run_ablation, run_multi_model, run_skill_transfer
+    from .experiments import parse_seeds, run_ablation, run_cifar_experiment, run_multi_model, run_skill_transfer
 
     seeds = parse_seeds(a.seeds)
-    fn = {"skill-transfer": run_skill_transfer, "ablation": run_ablation, "multi-model": run_multi_model}[a.name]
-    fn(data_root=a.data_root, seeds=seeds, out_dir=a.out, epochs=a.epochs, samples=a.samples, progress=not a.quiet)
+    kwargs = dict(data_root=a.data_root, seeds=seeds, out_dir=a.out, epochs=a.epochs, samples=a.samples,
+                  progress=not a.quiet)
+    if a.name.startswith("cifar-"):
+        run_cifar_experiment(a.name.removeprefix("cifar-"), **kwargs)
+    else:
+        fn = {"skill-transfer": run_skill_transfer, "ablation": run_ablation, "multi-model": run_multi_model}[a.name]
+        fn(**kwargs)
     print(f"{a.name}: results in {a.out}")
     return 0
 

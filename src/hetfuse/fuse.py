@@ -172,9 +172,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
             graphs = [describe(m, example=x[:2]) for m in models]
         except RuntimeError as exc:
             raise DataError(f"data samples of shape {tuple(x.shape[1:])} do not fit the models: {exc}") from exc
-        if len({g.depth for g in graphs}) > 1:
-            raise HetfuseError("fusing convolutional networks of different depth is not supported yet "
-                               f"(hidden neuron spaces: {[g.depth for g in graphs]})")
+        # Networks of different depth are balanced in the CLA/balancing step below (conv branch).
     else:
         # Canonical form: every model as an MLP, all with biases if any has one (so parameters correspond).
         any_bias = any(m.bias is not None for mod in models for m in mod.modules() if isinstance(m, nn.Linear))
@@ -192,7 +190,28 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig) -> P
     t0 = time.perf_counter()
     mappings: list[dict] = []
     notes: list[str] = []
-    if len(set(depths)) > 1:
+    if conv[0] and len(set(depths)) > 1:
+        # CNNs: group-wise CLA (pooling groups / residual stages), balanced by adding identity convs or
+        # zero residual blocks (hetfuse.align.cnn, hetfuse.balance.cnn).
+        from .align.cnn import balance_cnn_models, conv_groups
+
+        if config.balance != "add":
+            raise HetfuseError("merge for convolutional layers is not supported (open research); "
+                               "use balance='add'")
+        counts = [[len(g.units) for g in conv_groups(m, gr)] for m, gr in zip(models, graphs)]
+        if any(c != counts[0] for c in counts):
+            best = max(depths)
+            ref = target if depths[target] == best else depths.index(best)
+            balanced, mappings, cnn_notes = balance_cnn_models(
+                models, x, reference=ref, representation=config.representation, fix_first=config.fix_first,
+                fix_last=config.fix_last)
+            notes.extend(cnn_notes)
+            for i, m in enumerate(balanced):
+                if m is not models[i]:
+                    models[i] = m.to(device).eval()
+                    graphs[i] = describe(models[i], example=x[:2])
+                    acts[i] = layer_activations(models[i], graphs[i], x)
+    elif len(set(depths)) > 1:
         if config.balance == "add":
             best = max(depths)
             ref = target if depths[target] == best else depths.index(best)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..errors import HetfuseError
 from .ablation import run_ablation
+from .cifar_oneshot import run_cifar_oneshot
 from .multi_model import run_multi_model
 from .skill_transfer import run_skill_transfer
 
@@ -42,4 +43,17 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-__all__ = ["parse_seeds", "run_ablation", "run_multi_model", "run_skill_transfer"]
+def run_cifar_experiment(setup: str, *, seeds, **kwargs):
+    """``hetfuse experiment cifar-resnet|cifar-vgg``: one run per seed, each in ``out_dir/seed<N>``
+    when several seeds are given."""
+    from pathlib import Path
+
+    out = Path(kwargs.pop("out_dir"))
+    rows = []
+    for s in seeds:
+        rows += run_cifar_oneshot(setup=setup, seed=s, out_dir=out if len(seeds) == 1 else out / f"seed{s}", **kwargs)
+    return rows
+
+
+__all__ = ["parse_seeds", "run_ablation", "run_cifar_experiment", "run_cifar_oneshot", "run_multi_model",
+           "run_skill_transfer"]

@@ -33,7 +33,7 @@ HIDDEN = ((400, 200), (400, 200, 100), (400, 200, 100, 50))
 GROUPS = ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9))
 SETTINGS = ("full", "split")
 COLUMNS = ["seed", "setting", "models", "balance", "repair", "acc_parents", "acc_fused", "acc_ensemble"]
-COMMAND = "hetfuse experiment multi-model --seeds 0-2 --out results/multi_model --data-root ../shared/data"
+COMMAND = "hetfuse experiment multi-model --seeds 0-4 --out results/multi_model --data-root ../shared/data"
 
 
 def group_split(labels: torch.Tensor, group: Sequence[int], *, seed: int, other_fraction: float = 0.1) -> torch.Tensor:

@@ -35,9 +35,16 @@ class VGG(nn.Module):
     """CIFAR-style VGG; see the module docstring for the layout."""
 
     def __init__(self, depth: int = 11, width: float = 1.0, bn: bool = False, bias: bool = True,
-                 num_classes: int = 10, in_channels: int = 3) -> None:
+                 num_classes: int = 10, in_channels: int = 3, config: list[int | str] | None = None) -> None:
         super().__init__()
-        if depth not in VGG_CONFIGS:
+        if config is not None:  # an explicit layer list (e.g. a VGG balanced with identity convolutions)
+            config = [c if c == "M" else int(c) for c in config]
+            if not config or any(c != "M" and c <= 0 for c in config):
+                raise ValueError(f"VGG config must list positive channel counts and 'M', got {config!r}")
+            depth = sum(1 for c in config if c != "M") + 3
+            if VGG_CONFIGS.get(depth) == config:
+                config = None
+        if config is None and depth not in VGG_CONFIGS:
             raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {depth!r}")
         if not width > 0:
             raise ValueError(f"VGG width multiplier must be positive, got {width!r}")
@@ -49,10 +56,11 @@ class VGG(nn.Module):
         self.bias = bool(bias)
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
+        self.config = config  # None: the standard configuration of ``depth``
 
         layers: list[nn.Module] = []
         c_in = self.in_channels
-        for item in VGG_CONFIGS[self.depth]:
+        for item in self.layer_config():
             if item == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 continue
@@ -68,14 +76,21 @@ class VGG(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def layer_config(self) -> list[int | str]:
+        """Base channel counts and ``"M"`` pools, in order (before width scaling)."""
+        return list(VGG_CONFIGS[self.depth] if self.config is None else self.config)
+
     def channels(self) -> list[int]:
         """Output channels of each convolution, in order."""
         return [m.out_channels for m in self.features if isinstance(m, nn.Conv2d)]
 
     def arch(self) -> dict:
         """JSON-serialisable architecture, stored in checkpoint metadata."""
-        return {"type": "vgg", "depth": self.depth, "width": self.width, "bn": self.bn, "bias": self.bias,
+        arch = {"type": "vgg", "depth": self.depth, "width": self.width, "bn": self.bn, "bias": self.bias,
                 "num_classes": self.num_classes, "in_channels": self.in_channels}
+        if self.config is not None:  # optional key: an explicit (non-standard) layer list
+            arch["config"] = list(self.config)
+        return arch
 
     @classmethod
     def from_arch(cls, arch: dict) -> "VGG":
@@ -83,7 +98,7 @@ class VGG(nn.Module):
             raise ValueError(f"not a VGG architecture: {arch!r}")
         return cls(depth=int(arch["depth"]), width=float(arch.get("width", 1.0)), bn=bool(arch.get("bn", False)),
                    bias=bool(arch.get("bias", True)), num_classes=int(arch.get("num_classes", 10)),
-                   in_channels=int(arch.get("in_channels", 3)))
+                   in_channels=int(arch.get("in_channels", 3)), config=arch.get("config"))
 
     def extra_repr(self) -> str:
         return f"arch={self.arch()}"

@@ -1,8 +1,10 @@
-"""Plain SGD training and evaluation helpers (single models and probability-averaging ensembles)."""
+"""SGD training (optionally with augmentation, a one-cycle schedule, label smoothing) and evaluation
+helpers (single models and probability-averaging ensembles)."""
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -10,15 +12,51 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.augment import random_crop_flip
 from ..errors import HetfuseError
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _augment_seed(seed: int) -> int:
+    """Seed of the augmentation generator: derived from ``seed`` but distinct from the shuffling stream."""
+    return (int(seed) * 1_000_003 + 0x5DEECE66D) % (2 ** 63 - 1)
+
+
+SCHEDULES = ("constant", "onecycle")
 
 
 def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, lr: float = 0.01,
                 momentum: float = 0.5, batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0,
-                progress: bool = True, desc: str = "train") -> list[dict]:
+                progress: bool = True, desc: str = "train", augment: bool = False, schedule: str = "constant",
+                label_smoothing: float = 0.0, nesterov: bool = False, channels_last: bool = False,
+                max_batches: int | None = None, record_time: bool = False) -> list[dict]:
     """Train ``model`` (already initialised) with SGD + cross-entropy; returns per-epoch statistics.
 
-    Batches are shuffled with a ``torch.Generator`` seeded by ``seed``. The model ends in eval mode.
+    Batches are shuffled with a ``torch.Generator`` seeded by ``seed``. The model trains in train
+    mode (batch norm uses batch statistics) and ends in eval mode. Each history entry holds
+    ``epoch``, ``loss`` (mean training loss, label-smoothed if ``label_smoothing``) and ``train_acc``
+    (percent, on the augmented batches if ``augment``).
+
+    Options (the defaults reproduce plain SGD at a constant learning rate):
+
+    * ``augment``: random crop (zero padding 4) + horizontal flip of every batch of images
+      (:func:`hetfuse.data.random_crop_flip`) drawn from a second generator derived from ``seed``.
+    * ``schedule``: ``"constant"`` or ``"onecycle"`` (``torch.optim.lr_scheduler.OneCycleLR`` with
+      ``max_lr=lr`` over all the run's batches, stepped after every batch; the momentum stays at
+      ``momentum``, it is not cycled).
+    * ``label_smoothing``: passed to ``F.cross_entropy``.
+    * ``nesterov``: Nesterov momentum (needs ``momentum > 0``).
+    * ``channels_last``: model and 4-D batches in ``torch.channels_last`` memory format.
+    * ``max_batches``: stop after this many optimiser steps in all (for timing); the statistics of
+      the last, partial epoch cover the examples it saw. The schedule still spans the full run.
+    * ``record_time``: add ``seconds`` (wall time of the epoch's batches), ``batches`` and ``lr``
+      (learning rate of the epoch's last batch) to every history entry.
+
+    For batch-norm models a final batch of a single example is skipped (batch statistics of one
+    example are undefined).
     """
     if x.shape[0] != y.shape[0]:
         raise HetfuseError(f"train_model: {x.shape[0]} inputs but {y.shape[0]} labels")
@@ -26,30 +64,73 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
         raise HetfuseError("train_model: empty training set")
     if epochs < 0 or batch_size <= 0:
         raise HetfuseError(f"train_model: need epochs >= 0 and batch_size > 0, got {epochs}, {batch_size}")
+    if schedule not in SCHEDULES:
+        raise HetfuseError(f"train_model: unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise HetfuseError(f"train_model: label_smoothing must lie in [0, 1), got {label_smoothing}")
+    if nesterov and momentum <= 0:
+        raise HetfuseError(f"train_model: nesterov momentum needs momentum > 0, got {momentum}")
+    if max_batches is not None and max_batches < 0:
+        raise HetfuseError(f"train_model: max_batches must be non-negative, got {max_batches}")
+    if augment and x.ndim != 4:
+        raise HetfuseError(f"train_model: augment needs N x C x H x W images, got shape {tuple(x.shape)}")
     y = y.long()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                          nesterov=nesterov)
     gen = torch.Generator().manual_seed(int(seed))
+    aug_gen = torch.Generator().manual_seed(_augment_seed(seed)) if augment else None
     n = x.shape[0]
     n_batches = math.ceil(n / batch_size)
+    if _has_batchnorm(model) and n_batches > 1 and n % batch_size == 1:
+        n_batches -= 1  # a batch of one example breaks batch norm in train mode
+    n_seen = min(n, n_batches * batch_size)
+    total_steps = epochs * n_batches
+    sched = None
+    if schedule == "onecycle" and total_steps > 0:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, cycle_momentum=False)
+    budget = total_steps if max_batches is None else min(total_steps, int(max_batches))
+    steps = 0
     history: list[dict] = []
-    bar = tqdm(total=epochs * n_batches, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=budget, desc=desc, disable=not progress, leave=False)
     try:
         for epoch in range(1, epochs + 1):
+            if steps >= budget:
+                break
             model.train()
             perm = torch.randperm(n, generator=gen)
-            total_loss, correct = 0.0, 0
+            total_loss, correct, seen, done = 0.0, 0, 0, 0
+            last_lr = float(opt.param_groups[0]["lr"])
+            t0 = time.perf_counter()
             for b in range(n_batches):
+                if steps >= budget:
+                    break
                 idx = perm[b * batch_size:(b + 1) * batch_size]
                 xb, yb = x[idx], y[idx]
+                if aug_gen is not None:
+                    xb = random_crop_flip(xb, padding=4, flip=True, generator=aug_gen)
+                if channels_last and xb.ndim == 4:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
                 out = model(xb)
-                loss = F.cross_entropy(out, yb)
+                loss = F.cross_entropy(out, yb, label_smoothing=label_smoothing)
                 loss.backward()
+                last_lr = float(opt.param_groups[0]["lr"])
                 opt.step()
+                if sched is not None:
+                    sched.step()
+                steps += 1
+                done += 1
+                seen += idx.numel()
                 total_loss += float(loss.detach()) * idx.numel()
                 correct += int((out.detach().argmax(dim=1) == yb).sum())
                 bar.update(1)
-            stats = {"epoch": epoch, "loss": total_loss / n, "train_acc": 100.0 * correct / n}
+            seconds = time.perf_counter() - t0
+            denom = seen if done < n_batches else n_seen
+            stats = {"epoch": epoch, "loss": total_loss / denom, "train_acc": 100.0 * correct / denom}
+            if record_time:
+                stats.update(seconds=seconds, batches=done, lr=last_lr)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['train_acc']:.2f}")
             history.append(stats)
     finally:
