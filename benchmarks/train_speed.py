@@ -71,7 +71,8 @@ def time_one(spec: str, ds, *, channels_last: bool, batches: int, max_seconds: f
     epoch_batches = math.ceil(ds.x_train.shape[0] / BATCH)
     return {"model": spec, "channels_last": channels_last, "params": params, "timed_batches": hist[0]["batches"],
             "seconds_per_batch": per_batch, "seconds_per_epoch_extrapolated": per_batch * epoch_batches,
-            "epoch_batches": epoch_batches, "loss_finite": math.isfinite(hist[0]["loss"])}
+            "epoch_batches": epoch_batches, "loss_finite": math.isfinite(hist[0]["loss"]),
+            "loadavg_after": _loadavg()}
 
 
 def _markdown(report: dict) -> str:
@@ -84,8 +85,11 @@ def _markdown(report: dict) -> str:
              f"- recipe: {report['recipe']}",
              f"- load average before / after: {report['loadavg_before']} / {report['loadavg_after']}",
              f"- background load: {report['background']}", "",
-             "| model | params | NCHW s/epoch | channels_last s/epoch | channels_last speed-up | timed batches |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "", "This run itself keeps about 2 cores busy (1-minute load average about 2); a clearly higher load "
+             "average after a row means another process shared the CPU during it.", "",
+             "| model | params | NCHW s/epoch | channels_last s/epoch | channels_last speed-up | timed batches "
+             "| 1-min load after (NCHW / CL) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     by = {}
     for r in report["results"]:
         by.setdefault(r["model"], {})[r["channels_last"]] = r
@@ -96,7 +100,8 @@ def _markdown(report: dict) -> str:
         lines.append(f"| `{spec}` | {a['params']:,} | {a['seconds_per_epoch_extrapolated']:.0f} | "
                      f"{b['seconds_per_epoch_extrapolated']:.0f} | "
                      f"{a['seconds_per_batch'] / b['seconds_per_batch']:.2f}x | "
-                     f"{a['timed_batches']} / {b['timed_batches']} |")
+                     f"{a['timed_batches']} / {b['timed_batches']} | "
+                     f"{a['loadavg_after'][0]:.1f} / {b['loadavg_after'][0]:.1f} |")
     lines += ["", "Speed-up > 1 means channels_last is faster."]
     return "\n".join(lines) + "\n"
 

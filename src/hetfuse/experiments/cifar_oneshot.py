@@ -54,7 +54,7 @@ def train_cifar(spec: str, ds: Dataset, *, epochs: int, seed: int, cache_dir, pr
     model = build_model(spec, input_dim=ds.input_shape[0], output_dim=ds.num_classes, input_shape=ds.input_shape)
     t0 = time.perf_counter()
     hist = train_model(model, ds.x_train, ds.y_train, epochs=epochs, lr=0.1, momentum=0.9, nesterov=True,
-                       weight_decay=5e-4, batch_size=128, label_smoothing=0.1, augment=True, schedule="onecycle",
+                       weight_decay=5e-4, batch_size=128, label_smoothing=0.1, augment=True, schedule="onecycle", channels_last=True,
                        seed=seed, progress=progress, desc=f"train {spec}", record_time=True)
     meta = {"spec": spec, "epochs": epochs, "seed": seed, "train_seconds": time.perf_counter() - t0,
             "history": hist, "dataset": ds.name}
