@@ -207,3 +207,32 @@ def test_cli_train_cifar10_tiny_fake_root(tmp_path, monkeypatch, capsys):
     assert main(["train", "--arch", "vgg7:w=1", "--dataset", "cifar10", "--data-root", str(root),
                  "--out", str(tmp_path / "x.safetensors"), "--quiet"]) == 1
     assert "vgg7" in capsys.readouterr().err
+
+
+def test_cli_fuse_eval_check_cnns_of_different_depth(tmp_path, monkeypatch, capsys):
+    """ResNet26- and ResNet20-shaped checkpoints on a fake CIFAR-10 root: fuse with a report, eval, check."""
+    import json
+
+    monkeypatch.setenv("HETFUSE_CACHE", str(tmp_path / "cache"))
+    root = _fake_cifar10(tmp_path / "data")
+    paths = []
+    for spec in ("resnet26:w=0.25", "resnet20:w=0.25"):
+        p = tmp_path / (spec.split(":")[0] + ".safetensors")
+        assert main(["train", "--arch", spec, "--dataset", "cifar10", "--data-root", str(root), "--epochs", "1",
+                     "--out", str(p), "--quiet"]) == 0
+        paths.append(str(p))
+    out, rep = tmp_path / "f.safetensors", tmp_path / "rep"
+    assert main(["fuse", *paths, "--dataset", "cifar10", "--data-root", str(root), "--wb", "0.5",
+                 "--representation", "cka", "--samples", "32", "--out", str(out), "--report", str(rep),
+                 "--quiet"]) == 0
+    report = json.loads((rep / "report.json").read_text())
+    fused, _ = load_checkpoint(out)
+    assert fused.arch()["blocks"] == [4, 4, 4]  # ResNet20's widths at ResNet26's depth
+    assert report["figures"] and all((rep / f).is_file() for f in report["figures"])
+    capsys.readouterr()
+    assert main(["eval", *paths, str(out), "--dataset", "cifar10", "--data-root", str(root), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["models"]) == 3
+    assert main(["check", str(out)]) == 0
+    assert main(["fuse", *paths, "--dataset", "cifar10", "--data-root", str(root), "--balance", "merge",
+                 "--samples", "32", "--out", str(tmp_path / "m.safetensors"), "--quiet"]) == 1
+    assert "merge" in capsys.readouterr().err

@@ -238,23 +238,28 @@ def _plot_costs(report: dict, folder: Path) -> list[str]:
     for mp in report["mappings"]:
         if mp.get("cost") is None:
             continue
-        cost = np.asarray(mp["cost"])
-        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * cost.shape[1], 1.0 + 0.6 * cost.shape[0]))
-        im = ax.imshow(cost, cmap="viridis")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-        ax.plot(range(cost.shape[1]), mp["alignment"], "o", color="red", markersize=10, fillstyle="none",
-                markeredgewidth=2, label="CLA mapping")
-        ax.set_xlabel(f"shallower model {mp['shallow']}: hidden layer")
-        ax.set_ylabel(f"deeper model {mp['deep']}: hidden layer")
-        ax.set_xticks(range(cost.shape[1]), [str(j + 1) for j in range(cost.shape[1])])
-        ax.set_yticks(range(cost.shape[0]), [str(i + 1) for i in range(cost.shape[0])])
-        ax.set_title(f"CLA cost ({report['config']['representation']})", fontsize=9)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8)
-        fig.tight_layout()
-        name = f"cla_cost_model{mp['model']}.png"
-        fig.savefig(folder / name, dpi=120)
-        plt.close(fig)
-        written.append(name)
+        # CNNs are aligned group by group (pooling groups, residual stages): one figure per aligned group
+        panels = [(g["name"], g["cost"], g["alignment"]) for g in mp["groups"] if g.get("cost") is not None] \
+            if mp.get("groups") else [("", mp["cost"], mp["alignment"])]
+        for gname, cost, alignment in panels:
+            cost = np.asarray(cost, dtype=float)
+            fig, ax = plt.subplots(figsize=(1.2 + 0.6 * cost.shape[1], 1.0 + 0.6 * cost.shape[0]))
+            im = ax.imshow(cost, cmap="viridis")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+            ax.plot(range(cost.shape[1]), alignment, "o", color="red", markersize=10, fillstyle="none",
+                    markeredgewidth=2, label="CLA mapping")
+            ax.set_xlabel(f"shallower model {mp['shallow']}: hidden layer")
+            ax.set_ylabel(f"deeper model {mp['deep']}: hidden layer")
+            ax.set_xticks(range(cost.shape[1]), [str(j + 1) for j in range(cost.shape[1])])
+            ax.set_yticks(range(cost.shape[0]), [str(i + 1) for i in range(cost.shape[0])])
+            title = f"CLA cost ({report['config']['representation']})" + (f", {gname}" if gname else "")
+            ax.set_title(title, fontsize=9)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8)
+            fig.tight_layout()
+            name = f"cla_cost_model{mp['model']}" + (f"_{gname}" if gname else "") + ".png"
+            fig.savefig(folder / name, dpi=120)
+            plt.close(fig)
+            written.append(name)
     return written
 
 
