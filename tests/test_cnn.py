@@ -196,3 +196,38 @@ def test_conv_fusion_of_different_depths_balances_with_zero_blocks(x):
     assert res.model.arch()["blocks"] == [4, 4, 4]
     assert res.report["mappings"][0]["groups"][0]["kind"] == "block"
     torch.testing.assert_close(res.model(x), shallow(x), rtol=0, atol=0)
+
+
+class MismatchedStream(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.a(x) + self.b(x)), 1))
+
+
+def test_residual_stream_with_inconsistent_channel_counts_is_named():
+    with pytest.raises(UnsupportedModelError, match="inconsistent channel counts.*'a' has 4.*'b' 6"):
+        describe(MismatchedStream())
+
+
+def test_models_left_in_training_mode_are_fused_in_eval_mode(x):
+    a, b = zoo("resnet20:w=0.5", 1), zoo("resnet20:w=0.5", 2)
+    data = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    ref = fuse([a, b], data, samples=16, repair=False).model
+    a.train(), b.train()
+    res = fuse([a, b], data, samples=16, repair=False)
+    assert a.training and b.training  # the caller's models are not touched
+    assert not res.model.training
+    torch.testing.assert_close(res.model(x), ref(x))
+    # their running statistics were not updated by the fusion's forward passes either
+    torch.testing.assert_close(a.layer1[0].bn1.running_mean, zoo("resnet20:w=0.5", 1).layer1[0].bn1.running_mean)
+
+
+def test_wrong_data_shape_for_a_cnn_is_a_clear_error():
+    from hetfuse.errors import DataError
+
+    with pytest.raises(DataError, match="channels"):
+        fuse([zoo("resnet20:w=0.5"), zoo("resnet20:w=0.5", 1)], torch.randn(16, 1, 28, 28), samples=8)
