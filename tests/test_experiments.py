@@ -140,3 +140,4 @@ def test_cifar_oneshot_smoke(tmp_path):
     assert len(rows) == 2 and (tmp_path / "c" / "summary.md").is_file()
     # wB = 0 without repair is model A itself; equal widths make vanilla averaging defined
     assert rows[0]["acc_fused"] == rows[0]["acc_a"] and rows[0]["acc_vanilla"] == rows[0]["acc_a"]
+    assert isinstance(rows[0]["acc_vanilla_repair"], float)
