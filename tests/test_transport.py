@@ -43,6 +43,7 @@ def test_assignment_cost_equals_network_simplex(n, seed):
     assert tr.cost == pytest.approx(ot.emd2(u, u, cost), abs=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:sinkhorn did not converge")
 @settings(max_examples=60, deadline=None)
 @given(n_src=st.integers(1, 10), n_dst=st.integers(1, 10), seed=st.integers(0, 10_000),
        solver=st.sampled_from(["exact", "sinkhorn"]))
