@@ -231,3 +231,20 @@ def test_wrong_data_shape_for_a_cnn_is_a_clear_error():
 
     with pytest.raises(DataError, match="channels"):
         fuse([zoo("resnet20:w=0.5"), zoo("resnet20:w=0.5", 1)], torch.randn(16, 1, 28, 28), samples=8)
+
+
+def test_repair_of_a_batchnorm_free_resnet_corrects_the_block_layers(x):
+    from hetfuse import FusionConfig, prepare_fusion
+
+    a, b = zoo("resnet20:w=0.5,nobn", 1), zoo("resnet20:w=0.5,nobn", 2)
+    data = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    prep = prepare_fusion([a, b], data, FusionConfig(samples=32))
+    fused = prep.combine([0.4, 0.6], repair=True)
+    g = describe(fused)
+    stats = prep.parent_stats()
+    acts = layer_activations(fused, g, prep.samples)
+    inner = [l for l, s in enumerate(g.spaces) if not s.stream]
+    assert inner
+    for l in inner:
+        mean = 0.4 * stats[0][l][0] + 0.6 * stats[1][l][0]
+        torch.testing.assert_close(acts[l].mean(0), mean, rtol=1e-3, atol=1e-4)

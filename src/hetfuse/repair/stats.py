@@ -70,14 +70,19 @@ def repair_model(model: nn.Module, graph: NetworkGraph, x: torch.Tensor, target:
 
     The producing Linear or Conv2d of each layer is rescaled per output neuron and its bias shifted
     (a zero bias is added where the layer had none). A neuron whose fused pre-activation is constant
-    keeps its scale and only has its mean moved. For networks with BatchNorm use
-    :func:`reset_batchnorm` instead.
+    keeps its scale and only has its mean moved. Residual streams are left as fused (their channels
+    are sums of several producers); the layers inside the blocks are corrected. For networks with
+    BatchNorm use :func:`reset_batchnorm` instead.
     """
     modules = dict(model.named_modules())
     for l, space in enumerate(graph.spaces):
-        if space.stream or len(space.producers) != 1 or space.act_module != space.producers[0]:
-            raise HetfuseError(f"REPAIR of layer '{space.name}' (a residual stream or a normalised layer) is not "
-                               "supported; networks with BatchNorm are repaired by resetting its statistics")
+        if space.stream:
+            # A residual stream is a sum of several producers read at several points: one per-channel
+            # affine correction of one producer cannot set its statistics everywhere. Left as fused.
+            continue
+        if len(space.producers) != 1 or space.act_module != space.producers[0]:
+            raise HetfuseError(f"REPAIR of the normalised layer '{space.name}' is not supported; networks with "
+                               "BatchNorm are repaired by resetting its statistics")
         lin = modules[space.producers[0]]
         acts = layer_activations(model, graph, x, layers=[l])[l]
         mu_f, sd_f = acts.mean(0), acts.std(0, unbiased=False)
