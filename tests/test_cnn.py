@@ -248,3 +248,15 @@ def test_repair_of_a_batchnorm_free_resnet_corrects_the_block_layers(x):
     for l in inner:
         mean = 0.4 * stats[0][l][0] + 0.6 * stats[1][l][0]
         torch.testing.assert_close(acts[l].mean(0), mean, rtol=1e-3, atol=1e-4)
+
+
+def test_repaired_bias_free_cnns_save_and_load(tmp_path, x):
+    """REPAIR adds biases to bias-free layers; the checkpoint records them so the model reloads."""
+    from hetfuse.io import load_checkpoint, save_checkpoint
+
+    for spec in ("vgg11:w=0.125,nobias", "resnet20:w=0.5,nobn"):
+        a, b = zoo(spec, 1), zoo(spec, 2)
+        res = fuse([a, b], torch.randn(32, 3, 32, 32), samples=32, repair=True)
+        path = save_checkpoint(res.model, tmp_path / f"{spec.split(':')[0]}.safetensors")
+        loaded, _ = load_checkpoint(path)
+        torch.testing.assert_close(loaded(x), res.model(x))

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CheckpointError
-from ..models.registry import model_from_arch
+from ..models.registry import arch_with_added_biases, model_from_arch
 
 FORMAT = "hetfuse"
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"}
@@ -40,7 +40,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     _check_finite(tensors, path, "refusing to save checkpoint")
     try:
-        meta = {"format": FORMAT, "hetfuse_version": __version__, "arch": json.dumps(model.arch()),
+        meta = {"format": FORMAT, "hetfuse_version": __version__, "arch": json.dumps(arch_with_added_biases(model)),
                 "extra": json.dumps(metadata if metadata is not None else {})}
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot save checkpoint {path}: metadata is not JSON-serialisable ({e})") from None
