@@ -7,6 +7,16 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions run much faster single-threaded; modules that use them opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def data_root():
     """Root with the real data sets: $HETFUSE_DATA, else ../shared/data beside the checkout; skip if absent."""

@@ -15,12 +15,7 @@ ZOO_SPECS = ["vgg11:w=0.125", "vgg11:w=0.125,bn", "vgg13:w=0.125,bn", "vgg16:w=0
              "resnet50:w=0.25", "resnet20:w=0.5,nobn"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions are much faster single-threaded
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_norms(model, seed=0):

@@ -14,12 +14,7 @@ from hetfuse.models import VGG, ResNet, model_from_arch
 from test_cnn import HandResNet, hand_vgg, randomize_norms, zoo
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

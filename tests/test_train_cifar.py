@@ -19,12 +19,7 @@ from hetfuse.train import accuracy, predict_logits, train_model
 SHAPE = (3, 32, 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(spec="resnet20:w=0.25", classes=10, seed=0):

@@ -20,13 +20,7 @@ def _build(spec):
     return build_model(spec, input_dim=3 * 32 * 32, output_dim=10, input_shape=(3, 32, 32))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convolutions: one thread is much faster than several (thread start-up dominates)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
