@@ -3,10 +3,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hetfuse.align.cla import all_alignments
-from hetfuse.balance import add_identity_layers, merge_layers, relu_sign_estimate
-from hetfuse.graph import describe, layer_activations
+from hetfuse.align import all_alignments
+from hetfuse.balance import rebalance, relu_sign_estimate
+from hetfuse.graph import describe
 from hetfuse.models import MLP
+
+
+def add_identity_layers(model, a, m):
+    return rebalance(model, [a], [m], method="add")
+
+
+def merge_layers(deep, a, x, sign="sum"):
+    return rebalance(deep, [a], [len(describe(deep).spaces)], method="merge", x=x, merge_sign=sign)
 
 
 @st.composite
@@ -65,9 +73,8 @@ def test_merging_is_exact_when_the_sign_pattern_is_constant(m, seed, bias, data)
     a = data.draw(st.sampled_from(all_alignments(m, n, fix_first=False, fix_last=False)))
     deep = _constant_sign_deep(seed, widths, bias)
     x = torch.rand(80, 4)  # non-negative inputs keep every pre-activation's sign fixed
-    acts = layer_activations(deep, describe(deep), x)
     for sign in ("sum", "majority"):
-        merged = merge_layers(deep, a, acts, sign=sign)
+        merged = merge_layers(deep, a, x, sign=sign)
         assert describe(merged).widths == [widths[i] for i in a]
         torch.testing.assert_close(merged(x), deep(x), rtol=1e-5, atol=1e-5)
 
@@ -76,7 +83,7 @@ def test_merging_is_not_exact_in_general():
     torch.manual_seed(0)
     deep = MLP(6, [32, 32, 32], 4)
     x = torch.randn(200, 6)
-    merged = merge_layers(deep, [0, 2], layer_activations(deep, describe(deep), x))
+    merged = merge_layers(deep, [0, 2], x)
     assert not torch.allclose(merged(x), deep(x), atol=1e-3)
 
 

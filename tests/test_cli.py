@@ -36,10 +36,11 @@ def test_fuse_eval_check_roundtrip(trained, capsys):
     assert main(["fuse", str(a), str(b), "--dataset", "digits", "--wb", "0.3", "--samples", "200",
                  "--out", str(out), "--report", str(rep), "--quiet"]) == 0
     config = json.loads((d / "f.config.json").read_text())
-    assert config["weights"] == [0.7, 0.3] and config["repair"] is True and config["samples"] == 200
+    assert config["weights"] == [0.7, 0.3] and config["stages"]["repair"]["method"] == "auto"
+    assert config["samples"] == 200
     report = json.loads((rep / "report.json").read_text())
     assert report["fused_widths"] == [32, 32, 16]
-    assert [m["alignment"] for m in report["mappings"] if m["cost"] is not None] == [[0, 2]]
+    assert [m["alignment"] for m in report["mappings"] if m["changed"]] == [[0, 2]]
     assert (rep / report["figures"][0]).stat().st_size > 1000
     capsys.readouterr()
     assert main(["eval", str(a), str(b), str(out), "--dataset", "digits", "--ensemble", "--json"]) == 0

@@ -1,18 +1,17 @@
-"""Depth balancing of CNNs: identity convolutions, zero residual blocks, group-wise CLA, fusion."""
+"""Depth balancing of CNNs as graph rewrites: identity convolutions, identity BatchNorms with their input's
+statistics, zero residual blocks, grouped depth alignment, fusion across depths."""
 
 import pytest
 import torch
 from torch import nn
 
 from hetfuse import fuse
-from hetfuse.align.cnn import cnn_cross_layer_alignment, conv_groups
-from hetfuse.balance.cnn import add_identity_convs, add_zero_blocks, identity_batchnorm, residual_stages
+from hetfuse.balance import calibrate_identity_norms, identity_norm, rebalance
 from hetfuse.errors import HetfuseError
-from hetfuse.graph import describe
-from hetfuse.io.checkpoint import load_checkpoint, save_checkpoint
-from hetfuse.models import VGG, ResNet, model_from_arch
+from hetfuse.graph import depth_groups, describe
+from hetfuse.io import load_model, save_model
+from hetfuse.repair import reset_batchnorm
 from test_cnn import HandResNet, hand_vgg, randomize_norms, zoo
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,114 +29,130 @@ def data():
     return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def same(a, b, x):
+def same(a, b, x, atol=0.0):
     with torch.no_grad():
         ya, yb = a.eval()(x), b.eval()(x)
-    assert torch.equal(ya, yb), (ya - yb).abs().max()
+    torch.testing.assert_close(ya, yb, rtol=1e-6 if atol else 0, atol=atol)
+
+
+def counts(model):
+    return [len(g.units) for g in depth_groups(describe(model))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.1])
-def test_identity_batchnorm_is_exactly_the_identity(dtype, eps):
-    bn = identity_batchnorm(nn.BatchNorm2d(5, eps=eps).to(dtype)).eval()
-    z = torch.randn(3, 5, 4, 4, dtype=dtype) * 100
-    assert torch.equal(bn(z), z)
-    assert (bn.running_var.to(torch.float64) + 0).dtype == torch.float64
+def test_identity_batchnorm_with_input_statistics_is_the_identity_and_survives_a_reset(dtype, eps):
+    z = (torch.randn(1200, 5, 4, 4, dtype=dtype) * 3 + 2).relu()
+    bn = identity_norm(nn.BatchNorm2d(5, eps=eps).to(dtype), 5).eval()
+    torch.testing.assert_close(bn(z), z)
+    net = nn.Sequential(bn)
+    calibrate_identity_norms(net, [bn], z)
+    torch.testing.assert_close(bn.running_mean, z.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn(z), z)
+    # the BN reset recomputes the statistics of the same input: still the identity
+    reset_batchnorm(net, z)
+    torch.testing.assert_close(bn(z), z)
 
 
 @pytest.mark.parametrize("spec", ["vgg11:w=0.125", "vgg11:w=0.125,bn", "vgg11:w=0.125,bn,nobias"])
-def test_vgg11_with_identity_convs_is_vgg13_and_the_same_function(spec, x):
+def test_vgg11_with_identity_convs_is_vgg13_shaped_and_the_same_function(spec, x, data):
     a = zoo(spec)
-    b = add_identity_convs(a, [0, 1])  # one more conv in each of the first two pooling groups
-    assert isinstance(b, VGG) and b.arch()["depth"] == 13 and "config" not in b.arch()
-    assert b.channels() == zoo(spec.replace("vgg11", "vgg13")).channels()
-    assert set(b.state_dict()) == set(zoo(spec.replace("vgg11", "vgg13")).state_dict())
-    same(a, b, x)
-    c = add_identity_convs(a, [3, 3, 7])  # a non-standard layer list
-    assert c.arch()["config"][4:9] == [256, 256, 256, 256, "M"] and len(c.channels()) == 11
-    describe(c)
-    same(a, c, x)
+    # one more conv in each of the first two pooling groups, as VGG13 has
+    b = rebalance(a, [[0], [0], [0, 1], [0, 1], [0, 1]], [2, 2, 2, 2, 2], x=data)
+    target = zoo(spec.replace("vgg11", "vgg13"))
+    assert counts(b) == counts(target) == [2, 2, 2, 2, 2]
+    assert describe(b).widths == describe(target).widths
+    same(a, b, x, atol=1e-5)
+    c = rebalance(a, [[0], [0], [0, 1], [0, 3], [0, 1]], [1, 1, 2, 4, 2], x=data)  # a non-standard layer list
+    assert counts(c) == [1, 1, 2, 4, 2]
+    same(a, c, x, atol=1e-5)
 
 
-def test_identity_conv_needs_a_relu_and_valid_indices():
+def test_identity_layer_needs_a_relu_and_valid_alignments(data):
     seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
                         nn.Flatten(), nn.Linear(4 * 32 * 32, 2))
     with pytest.raises(HetfuseError, match="not followed by a ReLU"):
-        add_identity_convs(seq, [0])
-    with pytest.raises(HetfuseError, match="conv layers 0..1"):
-        add_identity_convs(seq, [2])
+        rebalance(seq, [[0, 2]], [3], x=data)
+    with pytest.raises(HetfuseError, match="first unit"):
+        fuse([seq, nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 32 * 32, 2))],
+             data, samples=8, depth_align="fixed", mapping=[1, 2])
 
 
-def test_hand_written_vgg_with_identity_convs(x):
+def test_hand_written_vgg_with_identity_convs(x, data):
     v = randomize_norms(hand_vgg())
-    b = add_identity_convs(v, [0, 1, 1])
-    assert sum(isinstance(m, nn.Conv2d) for m in b) == 5
-    bns = [m for m in b if isinstance(m, nn.BatchNorm2d)]
-    assert len(bns) == 5
-    assert b[3].bias is not None and b[10].bias is None  # bias follows the conv it comes after
-    same(v, b, x)
+    b = rebalance(v, [[0], [1], [0]], [2, 3, 1], x=data)
+    assert counts(b) == [2, 3, 1]
+    modules = list(b.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in modules) == 5 and sum(isinstance(m, nn.BatchNorm2d)
+                                                                        for m in modules) == 5
+    # a bias follows the conv the identity copies: the first group's conv has one, the second's none
+    names = {n: m for n, m in b.named_modules()}
+    inserted = [m for n, m in names.items() if n.startswith("hetfuse") and isinstance(m, nn.Conv2d)]
+    assert sorted(m.bias is not None for m in inserted) == [False, False, True]
+    same(v, b, x, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec", ["resnet20:w=0.5", "resnet20:w=0.5,nobn", "resnet20:w=0.5,bias"])
-def test_resnet20_with_zero_blocks_is_resnet26_shaped_and_the_same_function(spec, x):
+def test_resnet20_with_zero_blocks_is_resnet26_shaped_and_the_same_function(spec, x, data):
     a = zoo(spec)
-    b = add_zero_blocks(a, 0, [1])
-    b = add_zero_blocks(b, 1, 1)
-    b = add_zero_blocks(b, "layer3", [2])
-    assert isinstance(b, ResNet) and b.arch()["blocks"] == [4, 4, 4]
-    assert set(b.state_dict()) == set(zoo(spec.replace("resnet20", "resnet26")).state_dict())
+    b = rebalance(a, [[0, 2, 3], [0, 1, 2], [0, 1, 3]], [4, 4, 4], x=data)
+    target = zoo(spec.replace("resnet20", "resnet26"))
+    assert counts(b) == counts(target) == [4, 4, 4]
+    assert describe(b).widths == describe(target).widths
     same(a, b, x)
-    c = add_zero_blocks(a, 0, [0, 4])  # stage 0 starts with an identity block: position 0 is fine
-    assert c.arch()["blocks"] == [5, 3, 3]
+    c = rebalance(a, [[0, 1, 2], [0, 2, 4], [0, 1, 2]], [3, 5, 3], x=data)
+    assert counts(c) == [3, 5, 3]
     same(a, c, x)
-    with pytest.raises(HetfuseError, match="downsampling block"):
-        add_zero_blocks(a, 1, [0])
+    with pytest.raises(HetfuseError, match="first unit"):
+        fuse([zoo(spec), zoo(spec.replace("resnet20", "resnet26"))], data, samples=8, depth_align="fixed",
+             mapping=[0, 1, 2, 5, 6, 7, 8, 9, 10])
 
 
-def test_hand_written_resnet_with_zero_blocks(x):
+def test_hand_written_resnet_with_zero_blocks(x, data):
     h = randomize_norms(HandResNet())
-    assert residual_stages(h) == [("layer1", ["layer1.0", "layer1.1"]), ("layer2", ["layer2.0", "layer2.1"])]
-    b = add_zero_blocks(add_zero_blocks(h, "layer1", [0, 3]), 1, [1, 3])
-    assert [len(b.layer1), len(b.layer2)] == [4, 4]
+    groups = depth_groups(describe(h))
+    assert [(g.kind, [u.weight for u in g.units]) for g in groups] == [
+        ("block", ["layer1.0.conv2", "layer1.1.conv2"]), ("block", ["layer2.0.conv2", "layer2.1.conv2"])]
+    b = rebalance(h, [[0, 2], [0, 3]], [4, 4], x=data)
+    assert counts(b) == [4, 4]
     same(h, b, x)
 
 
-def _check_map(res, deep_counts):
-    assert all(a < b for a, b in zip(res.alignment, res.alignment[1:]))
-    offset = 0
-    for g, m in zip(res.groups, deep_counts):
-        assert g["deep"] == m and len(g["alignment"]) == g["shallow"]
-        assert all(offset <= offset + v < offset + m for v in g["alignment"])
-        if g["kind"] != "fc" and g["alignment"]:
-            assert g["alignment"][0] == 0  # a group's first unit stays matched
-        offset += m
+def test_a_stage_without_an_identity_block_borrows_one_from_another_stage(x, data):
+    class OneBlockStage(HandResNet):
+        def __init__(self):
+            super().__init__()
+            self.layer2 = nn.Sequential(self.layer2[0])  # only the downsampling block
+
+    h = randomize_norms(OneBlockStage())
+    b = rebalance(h, [[0, 1], [0]], [2, 3], x=data)
+    assert counts(b) == [2, 3]
+    same(h, b, x)
 
 
-@pytest.mark.parametrize("representation", ["neurons", "cka", "wasserstein", "weights"])
-def test_grouped_cla_on_vgg_and_resnet(representation, x):
-    res = cnn_cross_layer_alignment(zoo("vgg13:w=0.125,bn"), zoo("vgg11:w=0.125,bn", 1), x,
-                                    representation=representation)
-    assert [g["kind"] for g in res.groups] == ["conv"] * 5 + ["fc"]
-    assert [g["shallow"] for g in res.groups] == [1, 1, 2, 2, 2, 0]
-    _check_map(res, [2, 2, 2, 2, 2, 0])
-    assert res.alignment[:2] == [0, 2] and res.alignment[2:] == [4, 5, 6, 7, 8, 9]
-    res = cnn_cross_layer_alignment(zoo("resnet26:w=0.5"), zoo("resnet20:w=0.5", 1), x,
-                                    representation=representation)
-    assert [g["name"] for g in res.groups] == ["layer1", "layer2", "layer3", "fc"]
-    _check_map(res, [4, 4, 4, 0])
-    assert len(res.alignment) == 9
+@pytest.mark.parametrize("similarity", ["neurons", "cka", "wasserstein", "weights"])
+def test_grouped_depth_alignment_on_vgg_and_resnet(similarity, data):
+    res = fuse([zoo("vgg11:w=0.125,bn", 1), zoo("vgg13:w=0.125,bn")], data, samples=8, representation=similarity,
+               repair=False)
+    m = res.report["mappings"][0]
+    assert m["role"] == "shallow" and m["changed"] and [g["kind"] for g in m["groups"]] == ["conv"] * 5
+    assert [g["shallow"] for g in m["groups"]] == [1, 1, 2, 2, 2] and [g["deep"] for g in m["groups"]] == [2] * 5
+    assert m["alignment"][:2] == [0, 2] and m["alignment"][2:] == [4, 5, 6, 7, 8, 9]
+    assert all(g["alignment"][0] == 0 for g in m["groups"])  # a conv group's first unit stays matched
+    res = fuse([zoo("resnet20:w=0.5", 1), zoo("resnet26:w=0.5")], data, samples=8, representation=similarity,
+               repair=False)
+    m = res.report["mappings"][0]
+    assert [g["kind"] for g in m["groups"]] == ["block"] * 3 and len(m["alignment"]) == 9
+    assert all(a < b for a, b in zip(m["alignment"], m["alignment"][1:]))
+    assert counts(res.model) == [4, 4, 4]
 
 
-def test_grouped_cla_units_and_pairing():
-    groups = conv_groups(randomize_norms(HandResNet()))
-    assert [(g.name, [u.name for u in g.units]) for g in groups] == [
-        ("layer1", ["layer1.0", "layer1.1"]), ("layer2", ["layer2.0", "layer2.1"]), ("fc", [])]
-    assert [u.weight for u in groups[1].units] == ["layer2.0.conv2", "layer2.1.conv2"]
-    assert [len(g.units) for g in conv_groups(hand_vgg())] == [1, 1, 1]
-    with pytest.raises(HetfuseError, match="residual stages"):
-        cnn_cross_layer_alignment(zoo("resnet18:w=0.125"), zoo("resnet20:w=0.5"))
-    with pytest.raises(HetfuseError, match="pooling groups|residual"):
-        cnn_cross_layer_alignment(zoo("vgg13:w=0.125"), zoo("resnet20:w=0.5"))
+def test_depth_structures_that_do_not_pair_are_refused(data):
+    with pytest.raises(HetfuseError, match="do not pair up"):
+        fuse([zoo("resnet18:w=0.125"), zoo("resnet20:w=0.5")], data, samples=8)
+    with pytest.raises(HetfuseError, match="do not pair up"):
+        fuse([zoo("vgg13:w=0.125"), zoo("resnet20:w=0.5")], data, samples=8)
 
 
 @pytest.mark.parametrize("shallow_spec, deep_spec", [("resnet20:w=0.5", "resnet26:w=0.5"),
@@ -150,25 +165,42 @@ def test_fusing_different_depths_with_one_hot_weights_gives_back_a_parent(shallo
     rep = res.report
     assert rep["target"] == 0 and rep["fused_widths"] == describe(deep).widths
     m = rep["mappings"][0]
-    assert {"model", "reference", "deep", "shallow", "alignment", "cost", "groups"} <= set(m)
-    assert m["deep"] == 1 and m["shallow"] == 0
-    assert all(a < b for a, b in zip(m["alignment"], m["alignment"][1:]))
-    torch.testing.assert_close(res.model(x), shallow(x), rtol=0, atol=0)
+    assert {"model", "role", "reference", "alignment", "groups", "changed"} <= set(m)
+    assert m["reference"] == [1] and m["role"] == "shallow"
+    torch.testing.assert_close(res.model(x), shallow(x), rtol=1e-5, atol=1e-5)
     res = fuse([shallow, deep], data, weights=[0.0, 1.0], samples=8, repair=False, representation=representation)
     torch.testing.assert_close(res.model(x), deep(x), rtol=1e-5, atol=1e-5)
 
 
+def test_wb_one_gives_the_depth_aligned_parent_after_the_bn_reset(x, data):
+    """The identity BatchNorms of the depth-aligned parent carry their input's statistics, so the BN reset of the
+    fused network leaves them identities: at weight 1 the fused network is the parent."""
+    a, b = zoo("vgg13:w=0.25,bn", 1), zoo("vgg11:w=0.125,bn", 2)
+    reset_batchnorm(a, data)
+    reset_batchnorm(b, data)  # parents whose statistics describe the data, as trained ones do
+    res = fuse([a, b], data, weights=[0.0, 1.0], samples=16, representation="cka", repair="bn-reset")
+    # the reset normalises with biased batch variances where the running ones are unbiased: noise of ~1e-4
+    torch.testing.assert_close(res.model(x), b(x), rtol=1e-3, atol=1e-3)
+    # without the statistics in the identity BatchNorms the reset would move the outputs by far more
+    plain = fuse([a, b], data, weights=[0.0, 1.0], samples=16, representation="cka", repair="none").model
+    for n, m in plain.named_modules():
+        if n.startswith("hetfuse") and isinstance(m, nn.BatchNorm2d):
+            m.running_mean.zero_(), m.running_var.fill_(1 - m.eps), m.weight.data.fill_(1), m.bias.data.zero_()
+    reset_batchnorm(plain, data)
+    assert (plain(x) - b(x)).abs().max() > 0.05
+
+
 def test_merge_is_refused_for_cnns(data):
-    with pytest.raises(HetfuseError, match="merge for convolutional layers is not supported"):
+    with pytest.raises(HetfuseError, match="merge of residual blocks is not supported"):
         fuse([zoo("resnet20:w=0.5"), zoo("resnet26:w=0.5")], data, samples=8, balance="merge")
+    with pytest.raises(HetfuseError, match="merge of convolutional layers is not supported"):
+        fuse([zoo("vgg11:w=0.125"), zoo("vgg13:w=0.125")], data, samples=8, balance="merge")
 
 
-def test_balanced_models_roundtrip_through_checkpoints(tmp_path, x):
-    for model in (add_identity_convs(zoo("vgg11:w=0.125,bn"), [3, 5]),
-                  add_zero_blocks(zoo("resnet20:w=0.5"), 2, [1, 2])):
-        path = save_checkpoint(model, tmp_path / f"{type(model).__name__}.safetensors")
-        rebuilt = model_from_arch(model.arch())
-        assert list(rebuilt.state_dict()) == list(model.state_dict())
-        loaded = load_checkpoint(path)
-        loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+def test_balanced_models_roundtrip_through_checkpoints(tmp_path, x, data):
+    for model in (rebalance(zoo("vgg11:w=0.125,bn"), [[0], [0], [0, 1], [0, 2], [0, 1]], [1, 1, 2, 3, 2], x=data),
+                  rebalance(zoo("resnet20:w=0.5"), [[0, 1, 2], [0, 1, 2], [0, 3, 4]], [3, 3, 5], x=data)):
+        path = save_model(model, tmp_path / f"{len(list(model.modules()))}.safetensors")
+        loaded = load_model(path)
+        assert list(loaded.state_dict()) == list(model.state_dict())
         same(model, loaded, x)

@@ -9,7 +9,7 @@ from hetfuse.data import alignment_samples, load_dataset
 from hetfuse.errors import HetfuseError
 from hetfuse.experiments import parse_seeds, run_ablation, run_skill_transfer
 from hetfuse.experiments.ablation import fuse_with_mapping
-from hetfuse.fuse import prepare_fusion
+from hetfuse import prepare_fusion
 from hetfuse.config import FusionConfig
 from hetfuse.models import MLP
 from hetfuse.train import predict_logits
@@ -38,15 +38,17 @@ def test_parse_seeds():
 
 def test_skill_transfer_smoke(digits, tmp_path):
     out = tmp_path / "st"
+    command = "hetfuse experiment skill-transfer --seeds 0 --epochs 1 --out st"
     rows = run_skill_transfer(seeds=[0], out_dir=out, epochs=1, samples=50, progress=False, dataset=digits,
-                              hidden_a=[24, 16], hidden_b=[24, 20, 12], cache_dir=tmp_path / "cache")
+                              hidden_a=[24, 16], hidden_b=[24, 20, 12], cache=tmp_path / "cache", command=command)
     cols, csv_rows = _read(out / "results.csv")
     assert cols == ["seed", "balance", "repair", "wb", "acc_a", "acc_b", "acc_fused", "acc_ensemble", "mapping"]
     assert len(rows) == len(csv_rows) == 2 * 2 * 11  # balance × repair × wB
     for name in ("summary.md", "fig4.png", "command.txt"):
         assert (out / name).is_file()
-    assert (out / "command.txt").read_text().strip() == (
-        "hetfuse experiment skill-transfer --seeds 0-4 --out results/skill_transfer --data-root ../shared/data")
+    recorded = (out / "command.txt").read_text().splitlines()
+    assert recorded[0] == command and recorded[1].startswith("# hetfuse ")
+    assert f"Command: `{command}`" in (out / "summary.md").read_text()
     # wB = 0 without repair is model A itself (target A, identity layers after ReLUs): exact.
     for balance in ("add", "merge"):
         r = next(r for r in rows if r["balance"] == balance and not r["repair"] and r["wb"] == 0.0)
@@ -57,7 +59,7 @@ def test_skill_transfer_smoke(digits, tmp_path):
     assert {r["mapping"] for r in rows} <= {"[1,3]"}  # neurons + both constraints: 24→24, 16→12 (12 is closest)
     # the checkpoint cache is used on a rerun and gives the same numbers
     rows2 = run_skill_transfer(seeds=[0], out_dir=tmp_path / "st2", epochs=1, samples=50, progress=False,
-                               dataset=digits, hidden_a=[24, 16], hidden_b=[24, 20, 12], cache_dir=tmp_path / "cache")
+                               dataset=digits, hidden_a=[24, 16], hidden_b=[24, 20, 12], cache=tmp_path / "cache")
     assert [r["acc_fused"] for r in rows2] == [r["acc_fused"] for r in rows]
 
 
@@ -65,7 +67,7 @@ def test_ablation_smoke(digits, tmp_path):
     out = tmp_path / "ab"
     rows = run_ablation(seeds=[0], out_dir=out, epochs=1, samples=50, progress=False, dataset=digits,
                         hidden_a=[24, 20, 16, 12, 8], hidden_b={1: [24, 16], 2: [24, 20, 16]},
-                        cache_dir=tmp_path / "cache")
+                        cache=tmp_path / "cache")
     cols, csv_rows = _read(out / "results.csv")
     assert cols == ["seed", "pair", "mapping", "balance", "repair", "acc_a", "acc_b", "acc_fused"]
     assert len(rows) == len(csv_rows) == 2 * 10 * 2 * 2  # pairs × mappings × balance × repair
@@ -96,7 +98,7 @@ def test_forced_mapping_matches_pipeline(digits, balance):
     config = FusionConfig(weights=[0.5, 0.5], target=1, representation="neurons", balance=balance,
                           samples=60, repair=False, seed=0)
     prepared = prepare_fusion([deep, shallow], x, config)
-    mapping = next(m["alignment"] for m in prepared.report["mappings"] if m.get("cost") is not None)
+    mapping = next(m["alignment"] for m in prepared.report["mappings"] if m["changed"])
     forced = fuse_with_mapping(deep, shallow, mapping, x, balance=balance, samples=60, seed=0)
     a = predict_logits(prepared.combine([0.5, 0.5], repair=False), digits.x_test)
     b = predict_logits(forced.combine([0.5, 0.5], repair=False), digits.x_test)
@@ -112,7 +114,7 @@ def test_multi_model_smoke(digits, tmp_path):
     assert int((labels == 0).sum()) == int((digits.y_train == 0).sum())
     assert int((labels == 5).sum()) == round(0.1 * int((digits.y_train == 5).sum()))
     rows = run_multi_model(seeds=[0], out_dir=tmp_path / "mm", epochs=1, samples=50, progress=False,
-                           cache_dir=tmp_path / "cache", dataset=digits, hidden=((16,), (16, 12), (16, 12, 8)))
+                           cache=tmp_path / "cache", dataset=digits, hidden=((16,), (16, 12), (16, 12, 8)))
     fields, written = _read(tmp_path / "mm" / "results.csv")
     # 2 settings x (1 triple + 3 pairs) x 2 balances x 2 repair
     assert len(rows) == len(written) == 32 and "acc_fused" in fields
@@ -133,7 +135,7 @@ def test_cifar_oneshot_smoke(tmp_path):
         ds = Dataset(name="fake", x_train=x, y_train=y, x_test=x[:20], y_test=y[:20], num_classes=10,
                      input_shape=(3, 32, 32))
         rows = run_cifar_oneshot(setup="resnet", out_dir=tmp_path / "c", epochs=1, samples=16, progress=False,
-                                 cache_dir=tmp_path / "cache", dataset=ds,
+                                 cache=tmp_path / "cache", dataset=ds,
                                  specs=("resnet20:w=0.25", "resnet20:w=0.25"), wbs=(0.0, 0.5))
     finally:
         torch.set_num_threads(n)

@@ -146,9 +146,13 @@ def test_report_contents():
     res = fuse([a, b], torch.randn(100, 6), samples=50)
     rep = res.report
     assert rep["target"] == 0 and rep["fused_widths"] == [8, 8, 4]
-    (mp,) = [m for m in rep["mappings"] if m["cost"] is not None]
-    assert mp["alignment"] == [0, 2] and len(mp["cost"]) == 3 and len(mp["cost"][0]) == 2
-    assert {"activations_s", "align_s", "total_s"} <= set(rep["timings"])
+    (mp,) = [m for m in rep["mappings"] if m["changed"]]
+    (group,) = mp["groups"]
+    assert mp["alignment"] == [0, 2] and len(group["matrix"]) == 3 and len(group["matrix"][0]) == 2
+    assert group["matrix_kind"] == "cost" and mp["role"] == "shallow" and mp["reference"] == [1]
+    assert {"depth_s", "match_s", "total_s"} <= set(rep["timings"])
+    assert rep["methods"] == {"similarity": "neurons", "depth_align": "cla", "balance": "add", "match": "ot-acts",
+                              "repair": "auto"}
     assert rep["weights"] == [0.5, 0.5]
 
 

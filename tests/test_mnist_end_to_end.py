@@ -23,7 +23,7 @@ def test_skill_transfer_pipeline_on_real_mnist(data_root):
     a, b = models
     acc_a, acc_b = accuracy(a, ds.x_test, ds.y_test), accuracy(b, ds.x_test, ds.y_test)
     prep = prepare_fusion([a, b], ds.x_train, FusionConfig(samples=400))
-    (mp,) = [m for m in prep.report["mappings"] if m["cost"] is not None]
+    (mp,) = [m for m in prep.report["mappings"] if m["changed"]]
     assert mp["alignment"] == [0, 1, 3]  # the paper's [1, 2, 4] with the neuron representation
     # wB = 0 without repair is model A itself (identity layers are exact); wB = 1 is B in A's widths
     assert accuracy(prep.combine([1.0, 0.0], repair=False), ds.x_test, ds.y_test) == acc_a

@@ -36,8 +36,8 @@ def test_shapes_and_dtype(rep):
     deep, shallow = _layers([5, 4, 3, 2], 0), _layers([3, 2, 1], 1)
     c = layer_cost_matrix(deep, shallow, rep)
     assert c.shape == (4, 3)
-    assert c.dtype == np.float64
-    assert np.all(np.isfinite(c)) and np.all(c >= 0)
+    assert c.dtype == torch.float64
+    assert bool(torch.isfinite(c).all()) and bool((c >= 0).all())
 
 
 def test_neurons_figure2():

@@ -222,7 +222,9 @@ def test_cli_fuse_eval_check_cnns_of_different_depth(tmp_path, monkeypatch, caps
                  "--quiet"]) == 0
     report = json.loads((rep / "report.json").read_text())
     fused, _ = load_checkpoint(out)
-    assert fused.arch()["blocks"] == [4, 4, 4]  # ResNet20's widths at ResNet26's depth
+    from hetfuse.graph import depth_groups, describe
+
+    assert [len(g.units) for g in depth_groups(describe(fused))] == [4, 4, 4]  # ResNet20's widths, ResNet26's depth
     assert report["figures"] and all((rep / f).is_file() for f in report["figures"])
     capsys.readouterr()
     assert main(["eval", *paths, str(out), "--dataset", "cifar10", "--data-root", str(root), "--json"]) == 0

@@ -1,10 +1,30 @@
-"""hetfuse: fuse trained neural networks of different depths and widths without retraining."""
+"""hetfuse: fuse trained neural networks of different depths and widths without retraining.
 
-from .align.cla import cross_layer_alignment
-from .config import FusionConfig
-from .fuse import FusionResult, PreparedFusion, fuse, prepare_fusion
+The public API is imported lazily, so ``import hetfuse`` costs little more than ``import torch``.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-__all__ = ["FusionConfig", "FusionResult", "PreparedFusion", "cross_layer_alignment", "fuse", "prepare_fusion",
-           "__version__"]
+import importlib
+
+__version__ = "0.2.0"
+
+_API = {
+    "fuse": "pipeline", "prepare_fusion": "pipeline", "FusionResult": "pipeline", "PreparedFusion": "pipeline",
+    "FusionConfig": "config", "align_depth": "align", "cross_layer_alignment": "align",
+    "save_model": "io", "load_model": "io", "methods": "registry", "describe": "graph",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hetfuse' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))

@@ -24,6 +24,84 @@ def _add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+_RESERVED = {"weights", "target", "samples", "repair_samples", "seed", "progress", "mapping"}
+
+
+def _method_params() -> dict[str, tuple]:
+    """Every parameter of every registered method: name -> (ParamInfo, ["family:method", ...])."""
+    from .registry import iter_methods, param_infos
+
+    out: dict[str, tuple] = {}
+    for family, cls in iter_methods():
+        for info in param_infos(cls):
+            if info.name in _RESERVED:
+                continue
+            if info.name in out:
+                out[info.name][1].append(cls.name)
+            else:
+                out[info.name] = (info, [cls.name])
+    return out
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """Flags for the stages and for every method parameter, generated from the registries."""
+    from .registry import FAMILIES, methods
+
+    def names(family):
+        return list(methods(family))
+
+    p.add_argument("--representation", "--similarity", dest="similarity", default=None, choices=names("similarity"),
+                   help="layer similarity for depth alignment (default: the aligner's: neurons for cla, cka for "
+                        "sma/lma)")
+    p.add_argument("--depth-align", default=None, metavar="|".join(names("depth_align")).replace("fixed", "fixed:A,B,.."),
+                   help="depth aligner (default cla); fixed:0,2,3 places the shallow units at those 0-based deep "
+                        "positions")
+    p.add_argument("--balance", default=None, choices=names("balance"), help="depth balancer (default add)")
+    p.add_argument("--match", default=None, choices=names("match"), help="neuron matcher (default ot-acts)")
+    p.add_argument("--repair", nargs="?", const="auto", default=None, choices=names("repair"),
+                   help="statistics repair (default auto: BN reset where there is BatchNorm, REPAIR elsewhere); "
+                        "--repair alone = auto")
+    p.add_argument("--no-repair", dest="repair", action="store_const", const="none", help="same as --repair none")
+    for name, (info, users) in _method_params().items():
+        flag = "--" + name.replace("_", "-")
+        used = ", ".join(users)
+        default = info.default
+        helptext = f"{info.help} [{used}; default {default}]"
+        if info.annotation is bool:
+            p.add_argument(flag, dest=f"param_{name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=helptext)
+        elif info.choices is not None and all(isinstance(c, str) for c in info.choices):
+            p.add_argument(flag, dest=f"param_{name}", default=None, choices=list(info.choices), help=helptext)
+        else:
+            metavar = info.type_name.replace(" or none", "").upper().replace(" ", "_")
+            p.add_argument(flag, dest=f"param_{name}", default=None, metavar=metavar, help=helptext)
+    _ = FAMILIES
+
+
+def _config_from_args(a, weights):
+    """The FusionConfig the flags describe: only the flags given are passed on (a method parameter that the
+    chosen methods do not take is an error naming them)."""
+    from .config import FusionConfig
+    from .registry import parse_param
+
+    params = {}
+    for name, (info, _users) in _method_params().items():
+        v = getattr(a, f"param_{name}", None)
+        if v is None:
+            continue
+        params[name] = v if isinstance(v, bool) else parse_param(info, v)
+    depth = a.depth_align
+    if depth is not None and depth.startswith("fixed:"):
+        try:
+            params["mapping"] = [int(v) for v in depth[len("fixed:"):].split(",") if v.strip()]
+        except ValueError:
+            raise HetfuseError(f"--depth-align {depth!r}: expected fixed:0,2,3 (0-based deep positions)") from None
+        depth = "fixed"
+    return FusionConfig(weights=weights, target=a.target, similarity=a.similarity, depth_align=depth,
+                        balance=a.balance, match=a.match, repair=a.repair, samples=a.samples,
+                        repair_samples=a.repair_samples, seed=a.seed, progress=not a.quiet, **params)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hetfuse", description="Fuse trained networks of different depths and widths.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -64,7 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     _add_common(p)
 
-    p = sub.add_parser("fuse", help="fuse two or more checkpoints")
+    p = sub.add_parser("fuse", help="fuse two or more checkpoints",
+                       description="Fuse checkpoints: similarity -> depth aligner -> balancer -> neuron matcher -> "
+                                   "repair (hetfuse methods lists every method and its parameters).")
     p.add_argument("models", nargs="+", help="checkpoints (.safetensors written by hetfuse)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--wb", type=float, default=None, help="weight of the second model (two models only); "
@@ -72,26 +152,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", default=None, help="comma-separated weights, one per model, summing to 1")
     p.add_argument("--target", type=int, default=None,
                    help="index of the model whose widths the fused model takes (default: the shallowest)")
-    p.add_argument("--representation", default="neurons",
-                   choices=["neurons", "cka", "cka-rbf", "wasserstein", "weights"])
-    p.add_argument("--balance", default="add", choices=["add", "merge"])
-    p.add_argument("--match", default="ot-acts", choices=["ot-acts", "ot-weights", "none"])
-    p.add_argument("--solver", default="exact", choices=["exact", "sinkhorn"])
-    p.add_argument("--reg", type=float, default=0.01, help="entropic regularisation for --solver sinkhorn")
+    _add_method_options(p)
     p.add_argument("--samples", type=int, default=400,
                    help="alignment samples, drawn at random (with --seed) from the data set's training split")
-    p.add_argument("--repair", action=argparse.BooleanOptionalAction, default=True,
-                   help="REPAIR statistics correction of the fused model (default: on)")
-    p.add_argument("--merge-sign", default="sum", choices=["sum", "majority"])
-    p.add_argument("--no-fix-first", action="store_true", help="let CLA leave the first hidden layers unmatched")
-    p.add_argument("--no-fix-last", action="store_true", help="let CLA leave the last hidden layers unmatched")
+    p.add_argument("--repair-samples", type=int, default=2000,
+                   help="samples for the repair statistics (default 2000, or the whole training split if smaller)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="fused checkpoint (.safetensors); the config goes beside it")
-    p.add_argument("--report", default=None, help="folder for report.json and the CLA cost-matrix figure(s)")
+    p.add_argument("--report", default=None, help="folder for report.json and the depth-alignment figures")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle (torch.save) checkpoints: only for files you trust")
     _add_common(p)
+
+    p = sub.add_parser("methods", help="list the fusion methods of every stage and their parameters")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--markdown", action="store_true", help="print the README's method table")
 
     p = sub.add_parser("eval", help="test accuracy of checkpoints and of their prediction ensemble")
     p.add_argument("models", nargs="+")
@@ -115,9 +191,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="paper reproductions (MNIST MLPs; CIFAR-10 CNNs scaled to a CPU)")
     p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model", "cifar-resnet", "cifar-vgg"])
     p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,3")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder; one that already holds results needs --force")
+    p.add_argument("--force", action="store_true", help="replace results already in --out")
     p.add_argument("--epochs", type=int, default=10, help="training epochs of each parent (default 10)")
-    p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--samples", type=int, default=400, help="alignment (and repair) samples (default 400)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--quiet", action="store_true")
     return ap
@@ -154,8 +231,9 @@ def _check_dims(models, ds, paths) -> None:
 
     for m, p in zip(models, paths):
         g = describe(m)
-        want = ds.input_shape[0] if g.conv else ds.input_dim
-        unit = "input channels" if g.conv else "input features"
+        conv = g.modules[0].kind == "conv"
+        want = ds.input_shape[0] if conv else ds.input_dim
+        unit = "input channels" if conv else "input features"
         if g.input_dim != want or g.output_dim != ds.num_classes:
             raise HetfuseError(f"{p}: model maps {g.input_dim} inputs to {g.output_dim} outputs, but {ds.name} has "
                                f"{want} {unit} and {ds.num_classes} classes")
@@ -227,47 +305,10 @@ def cmd_train(a) -> int:
     return 0
 
 
-def _plot_costs(report: dict, folder: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    written = []
-    for mp in report["mappings"]:
-        if mp.get("cost") is None:
-            continue
-        # CNNs are aligned group by group (pooling groups, residual stages): one figure per aligned group
-        panels = [(g["name"], g["cost"], g["alignment"]) for g in mp["groups"] if g.get("cost") is not None] \
-            if mp.get("groups") else [("", mp["cost"], mp["alignment"])]
-        for gname, cost, alignment in panels:
-            cost = np.asarray(cost, dtype=float)
-            fig, ax = plt.subplots(figsize=(1.2 + 0.6 * cost.shape[1], 1.0 + 0.6 * cost.shape[0]))
-            im = ax.imshow(cost, cmap="viridis")
-            fig.colorbar(im, ax=ax, shrink=0.8)
-            ax.plot(range(cost.shape[1]), alignment, "o", color="red", markersize=10, fillstyle="none",
-                    markeredgewidth=2, label="CLA mapping")
-            ax.set_xlabel(f"shallower model {mp['shallow']}: hidden layer")
-            ax.set_ylabel(f"deeper model {mp['deep']}: hidden layer")
-            ax.set_xticks(range(cost.shape[1]), [str(j + 1) for j in range(cost.shape[1])])
-            ax.set_yticks(range(cost.shape[0]), [str(i + 1) for i in range(cost.shape[0])])
-            title = f"CLA cost ({report['config']['representation']})" + (f", {gname}" if gname else "")
-            ax.set_title(title, fontsize=9)
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8)
-            fig.tight_layout()
-            name = f"cla_cost_model{mp['model']}" + (f"_{gname}" if gname else "") + ".png"
-            fig.savefig(folder / name, dpi=120)
-            plt.close(fig)
-            written.append(name)
-    return written
-
-
 def cmd_fuse(a) -> int:
-    from .config import FusionConfig
     from .data import load_dataset
-    from .fuse import fuse
     from .io import save_checkpoint
+    from .pipeline import fuse
 
     if len(a.models) < 2:
         raise HetfuseError("fuse needs at least two checkpoints")
@@ -282,34 +323,48 @@ def cmd_fuse(a) -> int:
         if len(a.models) != 2:
             raise HetfuseError(f"--wb is the weight of the second model and needs exactly two models, got "
                                f"{len(a.models)}; use --weights")
-        weights = [1.0 - a.wb, a.wb]
         if not 0.0 <= a.wb <= 1.0:
             raise HetfuseError(f"--wb must lie in [0, 1], got {a.wb}")
+        weights = [1.0 - a.wb, a.wb]
     else:
         weights = _parse_weights(a.weights, len(a.models))
-    config = FusionConfig(weights=weights, target=a.target, representation=a.representation, balance=a.balance,
-                          match=a.match, solver=a.solver, reg=a.reg, samples=a.samples, repair=a.repair,
-                          seed=a.seed, fix_first=not a.no_fix_first, fix_last=not a.no_fix_last,
-                          merge_sign=a.merge_sign, progress=not a.quiet)
-    config.validate(len(a.models))
+    config = _config_from_args(a, weights).validate(len(a.models))
     models, _ = _load_models(a.models, a.allow_pickle)
     ds = load_dataset(a.dataset, a.data_root)
     _check_dims(models, ds, a.models)
     result = fuse(models, ds.x_train, config=config)
     report = dict(result.report, inputs=[str(p) for p in a.models], dataset=a.dataset,
-                  alignment_samples=f"{a.samples} random training images (seed {a.seed})")
+                  alignment_samples=f"{result.report['samples']} random training images (seed {a.seed})")
     save_checkpoint(result.model, out, metadata={"fused_from": [str(p) for p in a.models], "config": config.to_dict(),
                                                  "dataset": a.dataset}, force=a.force)
     _atomic_write(config_path, config.to_json() + "\n")
     if report_dir is not None:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        report["figures"] = _plot_costs(report, report_dir)
+        from .report import plot_alignment_matrices
+
+        report["figures"] = plot_alignment_matrices(report, report_dir)
         _atomic_write(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
     widths = ",".join(str(w) for w in result.report["fused_widths"])
-    maps = "; ".join(f"model {m['model']}->{m['reference']}: {[i + 1 for i in m['alignment']]}"
-                     for m in result.report["mappings"] if m.get("cost") is not None)
+    maps = "; ".join(f"model {m['model']}: {[i + 1 for i in m['alignment']]}"
+                     for m in result.report["mappings"] if m["changed"])
     print(f"{out}: fused {len(models)} models (weights {config.weights}) into hidden widths {widths}"
-          + (f"; CLA {maps}" if maps else ""))
+          + (f"; depth alignment (units, 1-based) {maps}" if maps else ""))
+    return 0
+
+
+def cmd_methods(a) -> int:
+    from .registry import describe_methods, methods_markdown
+
+    if a.json:
+        print(json.dumps(describe_methods(), indent=2))
+    elif a.markdown:
+        print(methods_markdown())
+    else:
+        for fam in describe_methods():
+            print(f"{fam['family']} ({fam['title']}):")
+            for m in fam["methods"]:
+                print(f"  {m['name']:<14} {m['description']}")
+                for p in m["params"]:
+                    print(f"  {'':<14}   {p['name']} = {p['default']!r} ({p['type']}): {p['help']}")
     return 0
 
 
@@ -354,7 +409,7 @@ def cmd_check(a) -> int:
     models, _ = _load_models([a.model], a.allow_pickle)
     model = models[0]
     g = describe(model)
-    shape = (g.input_dim, a.image_size, a.image_size) if g.conv else (g.input_dim,)
+    shape = (g.input_dim, a.image_size, a.image_size) if g.modules[0].kind == "conv" else (g.input_dim,)
     x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(a.seed))
     diff = check_permutation_invariance(model, g, x, seed=a.seed)
     print(f"{a.model}: {g.depth} hidden neuron spaces {g.widths}; permuting all of them changed the outputs by "
@@ -372,9 +427,11 @@ def cmd_demo(a) -> int:
 def cmd_experiment(a) -> int:
     from .experiments import parse_seeds, run_ablation, run_cifar_experiment, run_multi_model, run_skill_transfer
 
+    from .experiments.common import command_line
+
     seeds = parse_seeds(a.seeds)
     kwargs = dict(data_root=a.data_root, seeds=seeds, out_dir=a.out, epochs=a.epochs, samples=a.samples,
-                  progress=not a.quiet)
+                  progress=not a.quiet, force=a.force, command=command_line())
     if a.name.startswith("cifar-"):
         run_cifar_experiment(a.name.removeprefix("cifar-"), **kwargs)
     else:
@@ -385,7 +442,7 @@ def cmd_experiment(a) -> int:
 
 
 COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "eval": cmd_eval, "check": cmd_check, "demo": cmd_demo,
-            "experiment": cmd_experiment}
+            "experiment": cmd_experiment, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

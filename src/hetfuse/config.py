@@ -1,75 +1,181 @@
-"""One validated configuration object for a fusion (mergekit-style), written beside every CLI output."""
+"""One validated configuration object for a fusion, written as JSON beside every CLI output.
+
+A fusion is the pipeline similarity → depth aligner → balancer → neuron matcher → repair; the
+configuration names one registered method per stage (see :mod:`hetfuse.registry`) with its parameters,
+plus the options of the whole run (weights, target, sample counts, seed).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HetfuseError
+from .registry import FAMILIES, get_method, make_params, methods, param_infos
 
-REPRESENTATIONS = ("neurons", "cka", "cka-rbf", "wasserstein", "weights")
-BALANCES = ("add", "merge")
-MATCHES = ("ot-acts", "ot-weights", "none")
-SOLVERS = ("exact", "sinkhorn")
-MERGE_SIGNS = ("sum", "majority")
+STAGES = tuple(FAMILIES)  # similarity, depth_align, balance, match, repair (pipeline order)
+DEFAULT_METHODS = {"similarity": "neurons", "depth_align": "cla", "balance": "add", "match": "ot-acts",
+                   "repair": "auto"}
+CONFIG_FORMAT = "hetfuse-fusion-config"
+CONFIG_VERSION = 2
+
+# Options of the version-1 (flat) configuration and where they live now.
+_LEGACY_STAGE_KEYS = {"representation": "similarity", "balance": "balance", "match": "match"}
+_LEGACY_PARAMS = {"solver": "match", "reg": "match", "fix_first": "depth_align", "fix_last": "depth_align",
+                  "merge_sign": "balance"}
 
 
 @dataclass
-class FusionConfig:
-    """Every option of a fusion.
+class Stage:
+    """One stage of the pipeline: a registered method and its (validated) parameters."""
 
-    weights: one non-negative weight per model, summing to 1 (None: uniform). ``weights[i]`` always
-        belongs to ``models[i]``, in fusion, vanilla averaging and the prediction ensemble alike.
-    target: index of the model whose widths (and neuron order) the fused model takes; None picks the
-        shallowest model (the first of equal depth), as CLAFusion does.
-    representation: layer representation for cross-layer alignment: ``neurons`` (number of neurons,
-        squared Euclidean), ``cka`` (1 - linear CKA of pre-activations), ``cka-rbf``, ``wasserstein``
-        (between neuron point clouds), ``weights`` (cosine distance of weight spectra).
-    balance: ``add`` identity layers to the shallower models (fused depth = deepest model) or
-        ``merge`` the deeper models' unmatched layers (fused depth = shallowest model).
-    match: ``ot-acts`` (ground cost from pre-activations), ``ot-weights`` (from incoming weights after
-        the previous layer's transport) or ``none`` (vanilla averaging, equal widths only).
-    solver: ``exact`` (permutation via linear_sum_assignment for equal widths, network simplex
-        otherwise) or ``sinkhorn`` (entropic, log domain, regularisation ``reg``).
-    samples: number of inputs used for activations, alignment and repair statistics.
-    repair: REPAIR statistics correction of the fused model (default on: it helped at every seed in
-        the skill-transfer probe of the reference code).
-    fix_first / fix_last: CLA constraints that the first / last hidden layers are matched.
-    merge_sign: ReLU gate estimate for ``merge``: ``sum`` or ``majority``.
+    method: str
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "params": dict(self.params)}
+
+
+class FusionConfig:
+    """Every option of a fusion, validated when built.
+
+    Run options: ``weights`` (one per model, non-negative, summing to 1; None: uniform; ``weights[i]``
+    always belongs to ``models[i]``), ``target`` (index of the model whose widths and neuron order the
+    fused model takes; None: the shallowest, first of equal depth, as CLAFusion), ``samples`` (inputs for
+    activations and alignment), ``repair_samples`` (inputs for the repair statistics; capped by the data),
+    ``seed``, ``progress``.
+
+    Stages: ``similarity`` (alias ``representation``), ``depth_align``, ``balance``, ``match``, ``repair``
+    each take a method name; ``repair`` also takes ``True`` (= ``"auto"``) and ``False`` (= ``"none"``).
+    Every other keyword is a parameter of one of the chosen methods (e.g. ``solver="sinkhorn"`` of
+    ``ot-acts``, ``fix_first=False`` of ``cla``, ``merge_sign`` of ``merge``); a keyword that none of them
+    declares is an error naming the known parameters.
     """
 
-    weights: list[float] | None = None
-    target: int | None = None
-    representation: str = "neurons"
-    balance: str = "add"
-    match: str = "ot-acts"
-    solver: str = "exact"
-    reg: float = 0.01
-    samples: int = 400
-    repair: bool = True
-    seed: int = 0
-    fix_first: bool = True
-    fix_last: bool = True
-    merge_sign: str = "sum"
-    progress: bool = False
-    extra: dict = field(default_factory=dict)
+    def __init__(self, *, weights=None, target: int | None = None, samples: int = 400,
+                 repair_samples: int = 2000, seed: int = 0, progress: bool = False,
+                 similarity: str | None = None, representation: str | None = None, depth_align: str | None = None,
+                 balance: str | None = None, match: str | None = None, repair: str | bool | None = None,
+                 stages: dict | None = None, **params) -> None:
+        if similarity is not None and representation is not None and similarity != representation:
+            raise HetfuseError(f"representation={representation!r} and similarity={similarity!r} disagree "
+                               "(they are the same option)")
+        chosen = {"similarity": similarity if similarity is not None else representation,
+                  "depth_align": depth_align, "balance": balance, "match": match,
+                  "repair": {True: "auto", False: "none"}.get(repair, repair) if isinstance(repair, bool) else repair}
+        given: dict[str, dict] = {s: {} for s in STAGES}
+        if stages:
+            for name, st in stages.items():
+                if name not in STAGES:
+                    raise HetfuseError(f"unknown pipeline stage {name!r}; stages: {', '.join(STAGES)}")
+                st = st.to_dict() if isinstance(st, Stage) else dict(st)
+                if chosen[name] is not None and chosen[name] != st.get("method"):
+                    raise HetfuseError(f"stage {name} given twice: {chosen[name]!r} and {st.get('method')!r}")
+                chosen[name] = st.get("method")
+                given[name].update(st.get("params") or {})
+        if chosen["depth_align"] is None:
+            chosen["depth_align"] = DEFAULT_METHODS["depth_align"]
+        if chosen["similarity"] is None:  # the aligner's own default (neurons for cla, CKA for sma/lma)
+            chosen["similarity"] = getattr(get_method("depth_align", chosen["depth_align"]), "default_similarity",
+                                           DEFAULT_METHODS["similarity"])
+        for s in STAGES:
+            if chosen[s] is None:
+                chosen[s] = DEFAULT_METHODS[s]
+            if not isinstance(chosen[s], str):
+                raise HetfuseError(f"{s} must be a method name, got {chosen[s]!r}")
+            get_method(s, chosen[s])  # unknown names raise, naming the known ones
+        # distribute the remaining keywords to the stage whose chosen method declares them
+        for key, value in params.items():
+            owners = [s for s in STAGES if key in {p.name for p in param_infos(get_method(s, chosen[s]))}]
+            if not owners:
+                raise HetfuseError(_unknown_param_message(key, chosen))
+            given[owners[0]][key] = value
+        self.stages: dict[str, Stage] = {}
+        for s in STAGES:
+            cls = get_method(s, chosen[s])
+            p = make_params(cls, given[s])
+            self.stages[s] = Stage(chosen[s], dataclasses.asdict(p))
+        self.weights = None if weights is None else _check_weight_values(weights)
+        self.target = target
+        self.samples = samples
+        self.repair_samples = repair_samples
+        self.seed = seed
+        self.progress = bool(progress)
+        self.validate()
+
+    # ----------------------------------------------------------------------------------- access
+
+    def stage(self, name: str) -> Stage:
+        return self.stages[name]
+
+    def method(self, name: str):
+        """An instance of the method chosen for stage ``name``."""
+        st = self.stages[name]
+        return get_method(name, st.method)(**st.params)
+
+    @property
+    def similarity(self) -> str:
+        return self.stages["similarity"].method
+
+    representation = similarity
+
+    @property
+    def depth_align(self) -> str:
+        return self.stages["depth_align"].method
+
+    @property
+    def balance(self) -> str:
+        return self.stages["balance"].method
+
+    @property
+    def match(self) -> str:
+        return self.stages["match"].method
+
+    @property
+    def repair(self) -> str:
+        return self.stages["repair"].method
+
+    def replace(self, **changes) -> "FusionConfig":
+        """A copy with some options changed (same rules as the constructor)."""
+        d = self.to_dict()
+        run = {k: d[k] for k in ("weights", "target", "samples", "repair_samples", "seed")}
+        run["progress"] = self.progress
+        stages = {s: dict(v) for s, v in d["stages"].items()}
+        for s in STAGES:
+            alias = "representation" if s == "similarity" and "representation" in changes else s
+            if alias in changes:
+                new = changes.pop(alias)
+                new = {True: "auto", False: "none"}.get(new, new) if isinstance(new, bool) else new
+                if new != stages[s]["method"]:
+                    stages[s] = {"method": new, "params": {}}
+        run.update({k: changes.pop(k) for k in list(changes) if k in run})
+        cfg = FusionConfig(stages=stages, **run)
+        if changes:  # method parameters
+            for key, value in changes.items():
+                owners = [s for s in STAGES if key in cfg.stages[s].params]
+                if not owners:
+                    raise HetfuseError(_unknown_param_message(key, {s: cfg.stages[s].method for s in STAGES}))
+                stages[owners[0]] = {"method": cfg.stages[owners[0]].method,
+                                     "params": dict(cfg.stages[owners[0]].params, **{key: value})}
+            cfg = FusionConfig(stages=stages, **run)
+        return cfg
+
+    # ----------------------------------------------------------------------------------- checks
 
     def validate(self, n_models: int | None = None) -> "FusionConfig":
-        def choice(name: str, value: str, options: tuple[str, ...]) -> None:
-            if value not in options:
-                raise HetfuseError(f"{name}={value!r} is not one of: {', '.join(options)}")
-
-        choice("representation", self.representation, REPRESENTATIONS)
-        choice("balance", self.balance, BALANCES)
-        choice("match", self.match, MATCHES)
-        choice("solver", self.solver, SOLVERS)
-        choice("merge_sign", self.merge_sign, MERGE_SIGNS)
-        if not isinstance(self.samples, int) or self.samples < 2:
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2:
             raise HetfuseError(f"samples must be an integer >= 2, got {self.samples!r}")
-        if not (self.reg > 0 and math.isfinite(self.reg)):
-            raise HetfuseError(f"reg must be a positive number, got {self.reg!r}")
+        if isinstance(self.repair_samples, bool) or not isinstance(self.repair_samples, int) or \
+                self.repair_samples < 2:
+            raise HetfuseError(f"repair_samples must be an integer >= 2, got {self.repair_samples!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise HetfuseError(f"seed must be an integer, got {self.seed!r}")
+        if self.target is not None and (isinstance(self.target, bool) or not isinstance(self.target, int)
+                                        or self.target < 0):
+            raise HetfuseError(f"target must be a model index (a non-negative integer), got {self.target!r}")
         if n_models is not None:
             if n_models < 2:
                 raise HetfuseError(f"fusion needs at least two models, got {n_models}")
@@ -78,22 +184,85 @@ class FusionConfig:
             self.weights = normalize_weights(self.weights, n_models)
         return self
 
+    # ----------------------------------------------------------------------------------- JSON
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "weights": self.weights, "target": self.target,
+                "samples": self.samples, "repair_samples": self.repair_samples, "seed": self.seed,
+                "stages": {s: st.to_dict() for s, st in self.stages.items()}}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
 
     @classmethod
     def from_dict(cls, d: dict) -> "FusionConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """Read a configuration written by :meth:`to_dict`, or a version-1 (flat) one of hetfuse 0.1."""
+        if not isinstance(d, dict):
+            raise HetfuseError(f"a fusion configuration must be a JSON object, got {type(d).__name__}")
+        if "stages" in d:
+            version = d.get("version", CONFIG_VERSION)
+            if version != CONFIG_VERSION:
+                raise HetfuseError(f"fusion configuration version {version} is not supported "
+                                   f"(this hetfuse reads versions 1 and {CONFIG_VERSION})")
+            run = {k: d[k] for k in ("weights", "target", "samples", "repair_samples", "seed", "progress") if k in d}
+            return cls(stages=d["stages"], **run)
+        return cls._from_flat(d)
+
+    @classmethod
+    def _from_flat(cls, d: dict) -> "FusionConfig":
+        known = {"weights", "target", "samples", "seed", "progress", "repair", "extra",
+                 *_LEGACY_STAGE_KEYS, *_LEGACY_PARAMS}
+        unknown = sorted(set(d) - known)
         if unknown:
-            raise HetfuseError(f"unknown fusion options: {', '.join(sorted(unknown))}")
-        return cls(**d)
+            raise HetfuseError(f"unknown fusion options: {', '.join(unknown)} (neither a version-{CONFIG_VERSION} "
+                               "configuration with 'stages' nor a version-1 flat one)")
+        run = {k: d[k] for k in ("weights", "target", "samples", "seed", "progress") if k in d}
+        chosen = {stage: d[key] for key, stage in _LEGACY_STAGE_KEYS.items() if key in d}
+        if "repair" in d:
+            chosen["repair"] = "auto" if d["repair"] else "none"
+        stages = {s: {"method": m, "params": {}} for s, m in chosen.items()}
+        for key, stage in _LEGACY_PARAMS.items():
+            if key not in d:
+                continue
+            method = chosen.get(stage, DEFAULT_METHODS[stage])
+            if key in {p.name for p in param_infos(get_method(stage, method))}:
+                stages.setdefault(stage, {"method": method, "params": {}})["params"][key] = d[key]
+            # a version-1 file stores every option; those the chosen method does not take had no effect
+        return cls(stages=stages, **run)
+
+    def __repr__(self) -> str:
+        return f"FusionConfig({json.dumps(self.to_dict())})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, FusionConfig) and self.to_dict() == other.to_dict() and \
+            self.progress == other.progress
+
+
+def _unknown_param_message(key: str, chosen: dict) -> str:
+    parts = []
+    for s in STAGES:
+        names = [p.name for p in param_infos(get_method(s, chosen[s]))]
+        parts.append(f"{chosen[s]}: {', '.join(names) or 'none'}")
+    elsewhere = sorted({f"{cls.name}" for s in STAGES for cls in methods(s).values()
+                        if key in {p.name for p in param_infos(cls)}})
+    hint = f"; it is a parameter of {', '.join(elsewhere)}" if elsewhere else ""
+    return (f"unknown fusion option {key!r}{hint}. The chosen methods take: " + "; ".join(parts) +
+            "; run options: weights, target, samples, repair_samples, seed, progress")
+
+
+def _check_weight_values(weights) -> list[float]:
+    try:
+        w = [float(x) for x in weights]
+    except (TypeError, ValueError):
+        raise HetfuseError(f"weights must be numbers, got {weights!r}") from None
+    if any(not math.isfinite(x) or x < 0 for x in w):
+        raise HetfuseError(f"weights must be non-negative and finite, got {w}")
+    if w and abs(sum(w) - 1.0) > 1e-6:
+        raise HetfuseError(f"weights must sum to 1, got {w} (sum {sum(w):.6g})")
+    return w
 
 
 def normalize_weights(weights, n: int, *, tol: float = 1e-6) -> list[float]:

@@ -13,7 +13,8 @@ import torch
 
 from .config import FusionConfig
 from .data import load_dataset, skill_split
-from .fuse import prepare_fusion
+from .experiments.common import first_alignment
+from .pipeline import prepare_fusion
 from .models import MLP
 from .train import accuracy, ensemble_accuracy, train_model
 
@@ -38,13 +39,13 @@ def run_demo(*, seed: int = 0, epochs: int = 40, progress: bool = True) -> str:
     for balance in ("add", "merge"):
         prep = prepare_fusion([a, b], ds.x_train, FusionConfig(balance=balance, samples=400, seed=seed,
                                                                progress=progress))
+        if balance == "add":
+            mapping = [i + 1 for i in first_alignment(prep.report) or []]
         for wb in WBS:
             w = [1 - wb, wb]
             rows.append((balance, wb, accuracy(prep.combine(w, repair=False), ds.x_test, ds.y_test),
                          accuracy(prep.combine(w, repair=True), ds.x_test, ds.y_test),
                          ensemble_accuracy([a, b], w, ds.x_test, ds.y_test)))
-        if balance == "add":
-            mapping = [i + 1 for m in prep.report["mappings"] if m["cost"] is not None for i in m["alignment"]]
     lines = [
         "hetfuse demo: skill transfer on scikit-learn's 8x8 digits (1397 train / 400 test images)",
         f"  model A  64-48-32-10     (digit 4 + 10% of the rest): {acc_a:6.2f}%",

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .datasets import Dataset
+from .base import Dataset
 
-CACHE_ENV_VAR = "HETFUSE_CACHE"
+from ..cache import CACHE_ENV_VAR  # noqa: E402,F401  (re-exported)
 CACHE_FORMAT_VERSION = 1
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -70,10 +70,10 @@ _SIDE = 32
 
 
 def default_cache_dir() -> Path:
-    """``$HETFUSE_CACHE/datasets`` if ``HETFUSE_CACHE`` is set, else ``~/.cache/hetfuse/datasets``."""
-    env = os.environ.get(CACHE_ENV_VAR)
-    base = Path(env).expanduser() if env else Path("~/.cache/hetfuse").expanduser()
-    return base / "datasets"
+    """``<cache root>/datasets``: ``$HETFUSE_CACHE/datasets`` if set, else ``~/.cache/hetfuse/datasets``."""
+    from ..cache import cache_dir
+
+    return cache_dir("datasets")
 
 
 def _fingerprint(kind: str, files: list[Path]) -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import gzip
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import DataError
+from .base import Dataset
 
 ENV_VAR = "HETFUSE_DATA"
 KNOWN_DATASETS = ("mnist", "idx:PATH", "digits", "cifar10", "cifar100")
@@ -94,24 +94,6 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         )
     arr = np.frombuffer(raw, dtype=dtype, offset=header, count=math.prod(dims)).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)
-
-
-@dataclass
-class Dataset:
-    """A classification data set held in memory (x float32 N x C x H x W, y int64)."""
-
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    input_shape: tuple
-    note: str | None = None  # caveat to report with results, e.g. "JPEG re-encoding of CIFAR-10"
-
-    @property
-    def input_dim(self) -> int:
-        return int(math.prod(self.input_shape))
 
 
 def _find_idx(folder: Path, stem: str, tried: list[Path]) -> Path | None:

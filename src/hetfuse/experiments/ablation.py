@@ -11,9 +11,8 @@ pair 2 with B = (400, 200, 100). All models are trained on the full MNIST traini
     sign-of-sum gate estimate), and the now equal-depth pair is fused with weights 0.5 / 0.5 towards
     the shallower model B, without (paper setting) and with REPAIR → ``results.csv`` / Table 7.
 
-The forced-mapping fusion calls :func:`~hetfuse.balance.mlp.add_identity_layers` /
-:func:`~hetfuse.balance.mlp.merge_layers` here and then :func:`~hetfuse.fuse.prepare_fusion` on the
-equal-depth pair, which for the CLA mapping is what the pipeline itself does.
+Forced mappings use the registered depth aligner ``fixed``: the same pipeline as CLA, only the alignment
+is given.
 """
 
 from __future__ import annotations
@@ -21,23 +20,20 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from ..align.cla import all_alignments, cross_layer_alignment
-from ..balance.mlp import add_identity_layers, merge_layers
+from ..align import align_depth, all_alignments
 from ..config import FusionConfig
 from ..data import Dataset, alignment_samples
 from ..errors import HetfuseError
-from ..fuse import prepare_fusion
-from ..graph import describe, layer_activations
-from ..models import MLP
-from ..similarity.representations import LayerRep, layer_cost_matrix
+from ..graph import depth_groups, describe
+from ..align.base import unit_reps
+from ..pipeline import prepare_fusion
+from ..registry import build
 from ..train import accuracy
-from .skill_transfer import (default_cache_dir, fmt_ms, format_mapping, mean_std, resolve_dataset, train_or_load,
-                             write_csv)
+from .common import (fmt_ms, format_mapping, mean_std, prepare_output, resolve_dataset, train_mlp, write_command,
+                     write_csv)
 
 __all__ = ["run_ablation", "fuse_with_mapping", "PAPER_TABLE6", "PAPER_TABLE7"]
 
@@ -54,8 +50,6 @@ CONSTRAINT_LABELS = {"both": "Both", "last": "Last-layer constraint", "first": "
 
 MAPPING_COLUMNS = ["seed", "pair", "representation", "constraint", "mapping"]
 RESULT_COLUMNS = ["seed", "pair", "mapping", "balance", "repair", "acc_a", "acc_b", "acc_fused"]
-
-COMMAND = "hetfuse experiment ablation --seeds 0-4 --out results/ablation --data-root ../shared/data"
 
 # CLAFusion Table 6: pair -> representation -> mappings for (Both, Last, First, None).
 PAPER_TABLE6 = {
@@ -81,53 +75,33 @@ PAPER_TABLE7 = {
 }
 
 
-def _reps(model: MLP, acts: list[torch.Tensor]) -> list[LayerRep]:
-    return [LayerRep(width=lin.out_features, acts=a, weight=lin.weight.detach())
-            for lin, a in zip(model.linears()[:-1], acts)]
-
-
-def fuse_with_mapping(deep: MLP, shallow: MLP, alignment: Sequence[int], x: torch.Tensor, *, balance: str,
-                      weights: Sequence[float] = (0.5, 0.5), samples: int | None = None, seed: int = 0,
-                      deep_acts: list[torch.Tensor] | None = None):
-    """Prepare the fusion of ``deep`` and ``shallow`` (in that model order) with a forced cross-layer
-    alignment (0-based deep-layer index per shallow layer) towards the shallower model.
-
-    ``add``: identity layers are inserted into ``shallow``; ``merge``: the unmatched layers of ``deep``
-    are merged (sign-of-sum gate estimated from ``deep_acts`` or from ``x``). Returns the
-    :class:`~hetfuse.fuse.PreparedFusion` of the equal-depth pair (target index 1).
-    """
-    n_deep = len(deep.linears()) - 1
-    if balance == "add":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # identity layers before the first layer are the point here
-            pair = [deep, add_identity_layers(shallow, alignment, n_deep)]
-    elif balance == "merge":
-        if deep_acts is None:
-            deep_acts = layer_activations(deep, describe(deep), x)
-        pair = [deep, shallow]
-        pair[0] = merge_layers(deep, alignment, deep_acts, sign="sum")
-    else:
-        raise HetfuseError(f"balance must be 'add' or 'merge', got {balance!r}")
-    config = FusionConfig(weights=list(weights), target=1, representation="neurons", balance=balance,
-                          match="ot-acts", samples=int(samples or x.shape[0]), repair=False, seed=seed)
-    return prepare_fusion([m.eval() for m in pair], x, config)
+def fuse_with_mapping(deep, shallow, alignment: Sequence[int], x, *, balance: str,
+                      weights: Sequence[float] = (0.5, 0.5), samples: int | None = None, seed: int = 0):
+    """Prepare the fusion of ``deep`` and ``shallow`` (in that model order) with a forced depth alignment (0-based
+    deep position of each shallow layer) towards the shallower model: the pipeline with ``depth_align="fixed"``.
+    ``add`` inserts identity layers into ``shallow``; ``merge`` folds the unmatched layers of ``deep``."""
+    config = FusionConfig(weights=list(weights), target=1, depth_align="fixed", mapping=list(alignment),
+                          balance=balance, match="ot-acts", samples=int(samples or x.shape[0]),
+                          repair_samples=int(samples or x.shape[0]), repair=False, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # identity layers before the first layer are the point here
+        return prepare_fusion([deep.eval(), shallow.eval()], x, config)
 
 
 def run_ablation(*, data_root=None, seeds: Sequence[int], out_dir, epochs: int = 10, samples: int = 400,
-                 progress: bool = True, cache_dir=None, dataset: Dataset | None = None,
-                 hidden_a: Sequence[int] = HIDDEN_A, hidden_b: dict | None = None) -> list[dict]:
+                 progress: bool = True, cache=True, dataset: Dataset | None = None,
+                 hidden_a: Sequence[int] = HIDDEN_A, hidden_b: dict | None = None, force: bool = False,
+                 command: str | None = None) -> list[dict]:
     """Run the ablation; returns the rows of ``out_dir/results.csv`` (the mappings go to
     ``mappings.csv``). ``dataset`` / ``hidden_a`` / ``hidden_b`` ({pair: hidden}) override MNIST and the
-    architectures (for tests). ``cache_dir`` defaults to ``~/.cache/hetfuse/ablation``."""
+    architectures (for tests)."""
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise HetfuseError("run_ablation: no seeds")
     hidden_b = dict(HIDDEN_B if hidden_b is None else hidden_b)
     if any(len(h) >= len(hidden_a) for h in hidden_b.values()):
         raise HetfuseError("run_ablation: every model B must be shallower than model A")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = default_cache_dir("ablation") if cache_dir is None else Path(cache_dir)
+    out = prepare_output(out_dir, force)
     ds = resolve_dataset(dataset, data_root)
     x_test, y_test = ds.x_test, ds.y_test
     m = len(hidden_a)
@@ -137,33 +111,29 @@ def run_ablation(*, data_root=None, seeds: Sequence[int], out_dir, epochs: int =
     timings = []
     for s in tqdm(seeds, desc="ablation: seeds", disable=not progress):
         t0 = time.perf_counter()
-        model_a = train_or_load(ds, None, hidden_a, part="all", seed=s, epochs=epochs, cache_dir=cache,
-                                progress=progress)
-        models_b = {p: train_or_load(ds, None, h, part="all", seed=s, epochs=epochs, cache_dir=cache,
-                                     progress=progress) for p, h in hidden_b.items()}
+        model_a = train_mlp(ds, None, hidden_a, part="all", seed=s, epochs=epochs, cache=cache, progress=progress)
+        models_b = {p: train_mlp(ds, None, h, part="all", seed=s, epochs=epochs, cache=cache, progress=progress)
+                    for p, h in hidden_b.items()}
         t_train = time.perf_counter() - t0
         t1 = time.perf_counter()
-        x = alignment_samples(ds.x_train, samples, seed=s)
-        acts_a = layer_activations(model_a, describe(model_a), x)
-        reps_a = _reps(model_a, acts_a)
+        x = alignment_samples(ds.x_train, samples, seed=s).flatten(1)
+        reps_a = _reps(model_a, x)
         acc_a = accuracy(model_a, x_test, y_test)
         for pair, model_b in models_b.items():
             n = len(hidden_b[pair])
-            acts_b = layer_activations(model_b, describe(model_b), x)
-            reps_b = _reps(model_b, acts_b)
+            reps_b = _reps(model_b, x)
             # (a) optimal CLA per representation and constraint set
             for rep in REPRESENTATIONS:
-                cost = layer_cost_matrix(reps_a, reps_b, rep)
+                cost = build("similarity", rep).matrix(reps_a, reps_b, "cost")
                 for cname, ff, fl in CONSTRAINTS:
-                    a = cross_layer_alignment(cost, fix_first=ff, fix_last=fl)
+                    a = align_depth(cost, "cla", fix_first=ff, fix_last=fl)
                     map_rows.append({"seed": s, "pair": pair, "representation": rep, "constraint": cname,
                                      "mapping": format_mapping(a)})
             # (b) every strictly increasing mapping, both balancing methods, repair off / on
             acc_b = accuracy(model_b, x_test, y_test)
             for a in all_alignments(m, n, fix_first=False, fix_last=False):
                 for balance in ("add", "merge"):
-                    prepared = fuse_with_mapping(model_a, model_b, a, x, balance=balance, samples=samples, seed=s,
-                                                 deep_acts=acts_a)
+                    prepared = fuse_with_mapping(model_a, model_b, a, x, balance=balance, samples=samples, seed=s)
                     for repair in (False, True):
                         fused = prepared.combine([0.5, 0.5], repair=repair)
                         rows.append({"seed": s, "pair": pair, "mapping": format_mapping(a), "balance": balance,
@@ -173,10 +143,17 @@ def run_ablation(*, data_root=None, seeds: Sequence[int], out_dir, epochs: int =
 
     write_csv(out / "mappings.csv", map_rows, MAPPING_COLUMNS)
     write_csv(out / "results.csv", rows, RESULT_COLUMNS)
-    (out / "command.txt").write_text(COMMAND + "\n")
+    cmd = write_command(out, command)
     (out / "summary.md").write_text(_summary(rows, map_rows, seeds, epochs, samples, ds.name, hidden_a, hidden_b,
-                                             timings))
+                                             timings, cmd))
     return rows
+
+
+def _reps(model, x):
+    """The layer representations of a (single-group) MLP's hidden layers on ``x``."""
+    graph = describe(model)
+    groups = depth_groups(graph)
+    return [r for row in unit_reps(model, graph, groups, x, "acts") for r in row]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +169,7 @@ def _counts(values: list[str]) -> str:
     return ", ".join(f"{k} ×{c}" for k, c in sorted(order.items(), key=lambda kv: -kv[1]))
 
 
-def _summary(rows, map_rows, seeds, epochs, samples, ds_name, hidden_a, hidden_b, timings) -> str:
+def _summary(rows, map_rows, seeds, epochs, samples, ds_name, hidden_a, hidden_b, timings, cmd) -> str:
     L = []
     L.append("# CLA ablation (CLAFusion Appendix C, Tables 6 and 7)\n")
     L.append(f"Data: {ds_name} (full training set); seeds {seeds}; {epochs} epochs SGD lr 0.01, momentum 0.5, "
@@ -202,7 +179,7 @@ def _summary(rows, map_rows, seeds, epochs, samples, ds_name, hidden_a, hidden_b
     L.append("Note: in this ablation the paper's **model A is the deeper model**; the fusion target (the fused "
              "model's depth for merge, its widths for both methods) is the shallower model B. Fusion weights "
              "0.5 / 0.5, neuron matching by OT of pre-activations; \"repair off\" is the paper's setting.\n")
-    L.append("Command: `" + COMMAND + "`\n")
+    L.append("Command: `" + cmd + "`\n")
     paper_ok = list(hidden_a) == list(HIDDEN_A) and all(tuple(hidden_b.get(p, ())) == HIDDEN_B[p] for p in HIDDEN_B)
 
     # Table 6

@@ -21,15 +21,12 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import FusionConfig
 from ..data import Dataset, load_dataset
-from ..fuse import prepare_fusion
-from ..io import load_checkpoint, save_checkpoint
-from ..models import build_model
-from ..train import accuracy, ensemble_accuracy, train_model
-from .skill_transfer import default_cache_dir, write_csv
+from ..pipeline import prepare_fusion
+from ..report.tables import fmt as _fmt
+from ..train import accuracy, ensemble_accuracy
+from .common import prepare_output, train_zoo, write_command, write_csv
 
 SETUPS = {
     "resnet": {"a": "resnet34:w=0.25", "b": "resnet18:w=0.25",
@@ -44,44 +41,24 @@ COLUMNS = ["setup", "seed", "wb", "acc_a", "acc_b", "acc_ensemble", "acc_vanilla
            "acc_fused_repair"]
 
 
-def train_cifar(spec: str, ds: Dataset, *, epochs: int, seed: int, cache_dir, progress: bool) -> tuple[torch.nn.Module, dict]:
-    """Train a zoo model on CIFAR-10 (SGD + Nesterov 0.9, lr 0.1 one-cycle, wd 5e-4, label smoothing 0.1,
-    batch 128, crop + flip), cached as a safetensors checkpoint."""
-    path = Path(cache_dir) / f"{spec.replace(':', '_').replace(',', '_')}_seed{seed}_ep{epochs}.safetensors"
-    if path.is_file():
-        model, meta = load_checkpoint(path)
-        return model, meta
-    torch.manual_seed(seed)
-    model = build_model(spec, input_dim=ds.input_shape[0], output_dim=ds.num_classes, input_shape=ds.input_shape)
-    t0 = time.perf_counter()
-    hist = train_model(model, ds.x_train, ds.y_train, epochs=epochs, lr=0.1, momentum=0.9, nesterov=True,
-                       weight_decay=5e-4, batch_size=128, label_smoothing=0.1, augment=True, schedule="onecycle", channels_last=True,
-                       seed=seed, progress=progress, desc=f"train {spec}", record_time=True)
-    meta = {"spec": spec, "epochs": epochs, "seed": seed, "train_seconds": time.perf_counter() - t0,
-            "history": hist, "dataset": ds.name}
-    save_checkpoint(model, path, metadata=meta, force=True)
-    return model.eval(), meta
-
-
 def run_cifar_oneshot(*, data_root=None, setup: str = "resnet", out_dir, epochs: int = 8, seed: int = 0,
-                      samples: int = 400, wbs=WBS, progress: bool = True, cache_dir=None,
-                      dataset: Dataset | None = None, specs: tuple[str, str] | None = None) -> list[dict]:
+                      samples: int = 400, wbs=WBS, progress: bool = True, cache=True,
+                      dataset: Dataset | None = None, specs: tuple[str, str] | None = None, force: bool = False,
+                      command: str | None = None) -> list[dict]:
+    out = prepare_output(out_dir, force)
     ds = dataset if dataset is not None else load_dataset("cifar10", data_root)
     spec_a, spec_b = specs if specs is not None else (SETUPS[setup]["a"], SETUPS[setup]["b"])
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir("cifar_oneshot")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    a, meta_a = train_cifar(spec_a, ds, epochs=epochs, seed=seed, cache_dir=cache, progress=progress)
-    b, meta_b = train_cifar(spec_b, ds, epochs=epochs, seed=seed + 1, cache_dir=cache, progress=progress)
+    a, meta_a = train_zoo(spec_a, ds, epochs=epochs, seed=seed, cache=cache, progress=progress)
+    b, meta_b = train_zoo(spec_b, ds, epochs=epochs, seed=seed + 1, cache=cache, progress=progress)
     acc_a, acc_b = accuracy(a, ds.x_test, ds.y_test), accuracy(b, ds.x_test, ds.y_test)
     t0 = time.perf_counter()
-    prep = prepare_fusion([a, b], ds.x_train, FusionConfig(representation="cka", balance="add", match="ot-acts",
-                                                           samples=samples, seed=seed, progress=progress))
+    config = FusionConfig(representation="cka", balance="add", match="ot-acts", samples=samples,
+                          repair_samples=samples, seed=seed, progress=progress)
+    prep = prepare_fusion([a, b], ds.x_train, config)
     t_prep = time.perf_counter() - t0
     vanilla = None
     if prep.report["balanced_widths"][0] == prep.report["balanced_widths"][1]:
-        vanilla = prepare_fusion([a, b], ds.x_train, FusionConfig(representation="cka", balance="add", match="none",
-                                                                  samples=samples, seed=seed))
+        vanilla = prepare_fusion([a, b], ds.x_train, config.replace(match="none"))
     rows = []
     for wb in wbs:
         w = [1 - wb, wb]
@@ -93,25 +70,20 @@ def run_cifar_oneshot(*, data_root=None, setup: str = "resnet", out_dir, epochs:
                      "acc_fused": accuracy(prep.combine(w, repair=False), ds.x_test, ds.y_test),
                      "acc_fused_repair": accuracy(prep.combine(w, repair=True), ds.x_test, ds.y_test)})
     write_csv(out / "results.csv", rows, COLUMNS)
-    report = {k: prep.report[k] for k in ("mappings", "fused_widths", "widths_in", "depths_in", "timings", "notes")}
+    report = {k: prep.report[k] for k in ("mappings", "fused_widths", "widths_in", "depths_in", "timings", "notes",
+                                          "methods")}
     report["prepare_seconds"] = t_prep
     report["training"] = {spec_a: {k: meta_a.get(k) for k in ("epochs", "seed", "train_seconds")},
                           spec_b: {k: meta_b.get(k) for k in ("epochs", "seed", "train_seconds")}}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    cmd = (f"hetfuse experiment cifar-{setup} --epochs {epochs} --seeds {seed} --out {out_dir} "
-           "--data-root ../shared/data")
-    (out / "command.txt").write_text(cmd + "\n")
+    cmd = write_command(out, command)
     _summary(out / "summary.md", setup, spec_a, spec_b, rows, report, epochs, samples, ds, cmd)
     return rows
 
 
-def _fmt(v) -> str:
-    return f"{v:.2f}" if isinstance(v, float) else "n/a"
-
-
 def _summary(path: Path, setup, spec_a, spec_b, rows, report, epochs, samples, ds, cmd) -> None:
-    maps = "; ".join(f"model {m['model']} → {m['reference']}: {m['alignment']}" for m in report["mappings"]
-                     if m.get("cost") is not None) or "equal depth"
+    maps = "; ".join(f"model {m['model']} → model {m['reference'][0]}: {m['alignment']}" for m in report["mappings"]
+                     if m["changed"]) or "equal depth"
     secs = report["training"]
     took = ", ".join(f"{k}: {v['train_seconds']:.0f} s" for k, v in secs.items() if v.get("train_seconds"))
     lines = [
@@ -122,7 +94,7 @@ def _summary(path: Path, setup, spec_a, spec_b, rows, report, epochs, samples, d
         f"Fusion: CLA on 1 − linear CKA of {samples} training images, `add` balancing, OT on activations, "
         "target = the shallower model's widths; repair = BatchNorm statistics recomputed on the same samples. "
         f"Data: {ds.note or ds.name}.", "",
-        f"CLA mapping (0-based layer indices): {maps}; fused hidden widths {report['fused_widths']}.", "",
+        f"CLA mapping (units, 0-based): {maps}; fused hidden widths {report['fused_widths']}.", "",
         f"Command: `{cmd}`", "",
         "| wB | A | B | ensemble | vanilla avg | vanilla + repair | fused one-shot | fused + repair |",
         "|---|---|---|---|---|---|---|---|",

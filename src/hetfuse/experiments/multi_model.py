@@ -25,15 +25,14 @@ from tqdm.auto import tqdm
 
 from ..config import FusionConfig
 from ..data import Dataset, alignment_samples
-from ..fuse import prepare_fusion
+from ..pipeline import prepare_fusion
 from ..train import accuracy, ensemble_accuracy
-from .skill_transfer import default_cache_dir, fmt_ms, resolve_dataset, train_or_load, write_csv
+from .common import fmt_ms, prepare_output, resolve_dataset, train_mlp, write_command, write_csv
 
 HIDDEN = ((400, 200), (400, 200, 100), (400, 200, 100, 50))
 GROUPS = ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9))
 SETTINGS = ("full", "split")
 COLUMNS = ["seed", "setting", "models", "balance", "repair", "acc_parents", "acc_fused", "acc_ensemble"]
-COMMAND = "hetfuse experiment multi-model --seeds 0-4 --out results/multi_model --data-root ../shared/data"
 
 
 def group_split(labels: torch.Tensor, group: Sequence[int], *, seed: int, other_fraction: float = 0.1) -> torch.Tensor:
@@ -51,12 +50,11 @@ def group_split(labels: torch.Tensor, group: Sequence[int], *, seed: int, other_
 
 
 def run_multi_model(*, data_root=None, seeds: Sequence[int], out_dir, epochs: int = 10, samples: int = 400,
-                    progress: bool = True, cache_dir=None, dataset: Dataset | None = None,
-                    hidden: Sequence[Sequence[int]] = HIDDEN, settings: Sequence[str] = SETTINGS) -> list[dict]:
+                    progress: bool = True, cache=True, dataset: Dataset | None = None,
+                    hidden: Sequence[Sequence[int]] = HIDDEN, settings: Sequence[str] = SETTINGS, force: bool = False,
+                    command: str | None = None) -> list[dict]:
+    out = prepare_output(out_dir, force)
     ds = resolve_dataset(dataset, data_root)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = default_cache_dir("multi_model") if cache_dir is None else cache_dir
     rows: list[dict] = []
     timings = []
     for seed in seeds:
@@ -66,8 +64,8 @@ def run_multi_model(*, data_root=None, seeds: Sequence[int], out_dir, epochs: in
             for k, h in enumerate(hidden):
                 idx = None if setting == "full" else group_split(ds.y_train, GROUPS[k % len(GROUPS)], seed=seed)
                 part = "all" if setting == "full" else "group" + "".join(map(str, GROUPS[k % len(GROUPS)]))
-                models.append(train_or_load(ds, idx, h, part=part, seed=seed * 10 + k, epochs=epochs,
-                                            cache_dir=cache, progress=progress))
+                models.append(train_mlp(ds, idx, h, part=part, seed=seed * 10 + k, epochs=epochs, cache=cache,
+                                        progress=progress))
             t_train = time.perf_counter() - t0
             parent_acc = [accuracy(m, ds.x_test, ds.y_test) for m in models]
             x = alignment_samples(ds.x_train, samples, seed=seed)
@@ -76,7 +74,8 @@ def run_multi_model(*, data_root=None, seeds: Sequence[int], out_dir, epochs: in
             for combo, balance in tqdm(it, desc=f"fuse seed {seed} {setting}", disable=not progress):
                 subset = [models[i] for i in combo]
                 w = [1.0 / len(subset)] * len(subset)
-                prep = prepare_fusion(subset, x, FusionConfig(balance=balance, samples=samples, seed=seed))
+                prep = prepare_fusion(subset, x, FusionConfig(balance=balance, samples=samples,
+                                                              repair_samples=samples, seed=seed))
                 ens = ensemble_accuracy(subset, w, ds.x_test, ds.y_test)
                 for repair in (False, True):
                     fused = prep.combine(w, repair=repair)
@@ -86,12 +85,12 @@ def run_multi_model(*, data_root=None, seeds: Sequence[int], out_dir, epochs: in
                                  "acc_fused": accuracy(fused, ds.x_test, ds.y_test), "acc_ensemble": ens})
             timings.append((seed, setting, t_train, time.perf_counter() - t0 - t_train))
     write_csv(out / "results.csv", rows, COLUMNS)
-    (out / "command.txt").write_text(COMMAND + "\n")
-    _write_summary(out / "summary.md", rows, ds, seeds, epochs, samples, hidden, settings, timings)
+    cmd = write_command(out, command)
+    _write_summary(out / "summary.md", rows, ds, seeds, epochs, samples, hidden, settings, timings, cmd)
     return rows
 
 
-def _write_summary(path: Path, rows, ds, seeds, epochs, samples, hidden, settings, timings) -> None:
+def _write_summary(path: Path, rows, ds, seeds, epochs, samples, hidden, settings, timings, cmd) -> None:
     arch = ", ".join("-".join(map(str, h)) for h in hidden)
     lines = [
         "# Fusing three MLPs of different depths",
@@ -104,7 +103,7 @@ def _write_summary(path: Path, rows, ds, seeds, epochs, samples, hidden, setting
         f"the combination (its widths), CLA on the number of neurons with both constraints, OT on {samples} "
         "training pre-activations. Accuracy on the full test set, mean ± sample std over seeds.",
         "",
-        f"Command: `{COMMAND}`",
+        f"Command: `{cmd}`",
         "",
         "The CLAFusion paper fuses two models only, so there is no paper number to put beside these.",
         "",

@@ -15,34 +15,26 @@ Outputs under ``out_dir``: ``results.csv`` (one row per seed × balance × repai
 ``summary.md`` (means ± standard deviations beside the paper's Table 8 averages), ``fig4.png`` and
 ``command.txt``.
 
-The helpers in this module (training with a checkpoint cache, CSV writing, mean / std) are also
-used by :mod:`hetfuse.experiments.ablation`.
 """
 
 from __future__ import annotations
 
-import csv
-import math
-import os
-import statistics
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..config import FusionConfig
-from ..data import Dataset, alignment_samples, load_dataset, skill_split
-from ..errors import CheckpointError, HetfuseError
-from ..fuse import prepare_fusion
-from ..io import load_checkpoint, save_checkpoint
-from ..models import MLP
-from ..train import accuracy, ensemble_accuracy, train_model
+from ..data import Dataset, alignment_samples, skill_split
+from ..errors import HetfuseError
+from ..pipeline import prepare_fusion
+from ..train import accuracy, ensemble_accuracy
+from .common import (first_alignment, fmt_ms, format_mapping, mean_std, prepare_output, resolve_dataset,
+                     train_mlp, write_command, write_csv)
 
-__all__ = ["run_skill_transfer", "train_or_load", "format_mapping", "mean_std", "write_csv",
-           "PAPER_TABLE8", "WB_GRID", "COLUMNS"]
+__all__ = ["run_skill_transfer", "PAPER_TABLE8", "WB_GRID", "COLUMNS"]
 
 COLUMNS = ["seed", "balance", "repair", "wb", "acc_a", "acc_b", "acc_fused", "acc_ensemble", "mapping"]
 WB_GRID = [round(0.1 * k, 1) for k in range(11)]
@@ -63,8 +55,6 @@ PAPER_TABLE8 = {
 }
 PAPER_PARENTS = {"acc_a": 90.76, "acc_b": 87.58}
 
-COMMAND = "hetfuse experiment skill-transfer --seeds 0-4 --out results/skill_transfer --data-root ../shared/data"
-
 # The reference CLAFusion code run on this machine (5 seeds, real MNIST): docs/notes "method notes",
 # section "What the reference CLAFusion code gives on this machine".
 REFERENCE_CODE_NOTES = """\
@@ -76,91 +66,10 @@ REFERENCE_CODE_NOTES = """\
 """
 
 
-# ----------------------------------------------------------------------------------------------
-# shared helpers
-# ----------------------------------------------------------------------------------------------
-
-def default_cache_dir(name: str) -> Path:
-    return Path(os.path.expanduser("~/.cache/hetfuse")) / name
-
-
-def _cache_key(dataset: Dataset, part: str, hidden: Sequence[int], seed: int, epochs: int, n_train: int) -> str:
-    h = "-".join(str(int(x)) for x in hidden)
-    return f"{dataset.name}_{part}_n{n_train}_h{h}_seed{seed}_ep{epochs}.safetensors"
-
-
-def train_or_load(dataset: Dataset, idx: torch.Tensor | None, hidden: Sequence[int], *, part: str, seed: int,
-                  epochs: int, cache_dir: str | os.PathLike | None, progress: bool = False) -> MLP:
-    """An MLP(input, ``hidden``, classes, bias=False) initialised with ``torch.manual_seed(seed)`` and
-    trained with SGD (lr 0.01, momentum 0.5, batch 64, shuffling seeded with ``seed``) for ``epochs``
-    epochs on ``dataset.x_train[idx]`` (all of it when ``idx`` is None).
-
-    With a ``cache_dir`` the trained weights are stored there as a safetensors checkpoint keyed by data
-    set, split, architecture, seed and epochs, and loaded instead of retrained on later calls.
-    """
-    x, y = dataset.x_train, dataset.y_train
-    if idx is not None:
-        x, y = x[idx], y[idx]
-    meta = {"dataset": dataset.name, "part": part, "hidden": [int(h) for h in hidden], "seed": int(seed),
-            "epochs": int(epochs), "n_train": int(x.shape[0]), "lr": TRAIN_LR, "momentum": TRAIN_MOMENTUM,
-            "batch_size": TRAIN_BATCH}
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / _cache_key(dataset, part, hidden, seed, epochs, int(x.shape[0]))
-        if path.is_file():
-            try:
-                model, extra = load_checkpoint(path)
-                if isinstance(model, MLP) and all(extra.get(k) == v for k, v in meta.items()):
-                    return model.eval()
-            except CheckpointError:
-                pass  # corrupt or foreign: retrain and overwrite
-    torch.manual_seed(int(seed))
-    model = MLP(dataset.input_dim, list(hidden), dataset.num_classes, bias=False)
-    train_model(model, x, y, epochs=epochs, lr=TRAIN_LR, momentum=TRAIN_MOMENTUM, batch_size=TRAIN_BATCH,
-                seed=int(seed), progress=progress, desc=f"train {part} seed {seed}")
-    if path is not None:
-        save_checkpoint(model, path, metadata=meta, force=True)
-    return model.eval()
-
-
-def format_mapping(alignment: Iterable[int]) -> str:
-    """A 0-based alignment as the paper writes it: 1-based, e.g. ``[1,2,5]``."""
-    return "[" + ",".join(str(int(a) + 1) for a in alignment) + "]"
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    vals = [float(v) for v in values]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def fmt_ms(values: Sequence[float]) -> str:
-    m, s = mean_std(values)
-    return f"{m:.2f} ± {s:.2f}"
-
-
-def write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) and k != "wb" else r[k]) for k in columns})
-
-
-def resolve_dataset(dataset: Dataset | None, data_root) -> Dataset:
-    if dataset is not None:
-        return dataset
-    return load_dataset("mnist", data_root)
-
-
-def _vanilla_mapping(report: dict) -> str:
-    """The CLA mapping of the prepared fusion (deep-layer indices of the shallow layers), 1-based."""
-    for m in report["mappings"]:
-        if m.get("cost") is not None:
-            return format_mapping(m["alignment"])
-    return "equal-depth"
+def _mapping(report: dict) -> str:
+    """The depth alignment of the prepared fusion (deep unit of each shallow unit), 1-based."""
+    a = first_alignment(report)
+    return "equal-depth" if a is None else format_mapping(a)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,14 +77,16 @@ def _vanilla_mapping(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def run_skill_transfer(*, data_root=None, seeds: Sequence[int], out_dir, epochs: int = 10, samples: int = 400,
-                       progress: bool = True, cache_dir=None, dataset: Dataset | None = None,
+                       progress: bool = True, cache=True, dataset: Dataset | None = None,
                        hidden_a: Sequence[int] = HIDDEN_A, hidden_b: Sequence[int] = HIDDEN_B,
-                       wb_grid: Sequence[float] = WB_GRID) -> list[dict]:
+                       wb_grid: Sequence[float] = WB_GRID, force: bool = False, command: str | None = None
+                       ) -> list[dict]:
     """Run the skill-transfer experiment; returns the rows written to ``out_dir/results.csv``.
 
     ``dataset`` (an in-memory :class:`~hetfuse.data.Dataset`) replaces MNIST from ``data_root``;
     ``hidden_a`` / ``hidden_b`` override the architectures (tests use small models on ``digits``).
-    ``cache_dir`` defaults to ``~/.cache/hetfuse/skill_transfer``.
+    ``cache``: True for the cache root's ``models/`` (``$HETFUSE_CACHE`` or ``~/.cache/hetfuse``), a folder, or
+    False. ``force``: replace results already in ``out_dir``. ``command``: the command line to record.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -183,9 +94,7 @@ def run_skill_transfer(*, data_root=None, seeds: Sequence[int], out_dir, epochs:
     if len(hidden_a) >= len(hidden_b):
         raise HetfuseError("run_skill_transfer: model A must be shallower than model B "
                            f"(hidden_a={list(hidden_a)}, hidden_b={list(hidden_b)})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = default_cache_dir("skill_transfer") if cache_dir is None else Path(cache_dir)
+    out = prepare_output(out_dir, force)
     ds = resolve_dataset(dataset, data_root)
     x_test, y_test = ds.x_test, ds.y_test
 
@@ -195,10 +104,10 @@ def run_skill_transfer(*, data_root=None, seeds: Sequence[int], out_dir, epochs:
         t0 = time.perf_counter()
         idx_a = skill_split(ds.y_train, "a", seed=s)
         idx_b = skill_split(ds.y_train, "b", seed=s)
-        model_a = train_or_load(ds, idx_a, hidden_a, part="skill-a", seed=s, epochs=epochs, cache_dir=cache,
-                                progress=progress)
-        model_b = train_or_load(ds, idx_b, hidden_b, part="skill-b", seed=s, epochs=epochs, cache_dir=cache,
-                                progress=progress)
+        model_a = train_mlp(ds, idx_a, hidden_a, part="skill-a", seed=s, epochs=epochs, cache=cache,
+                            progress=progress)
+        model_b = train_mlp(ds, idx_b, hidden_b, part="skill-b", seed=s, epochs=epochs, cache=cache,
+                            progress=progress)
         t_train = time.perf_counter() - t0
         acc_a = accuracy(model_a, x_test, y_test)
         acc_b = accuracy(model_b, x_test, y_test)
@@ -206,10 +115,11 @@ def run_skill_transfer(*, data_root=None, seeds: Sequence[int], out_dir, epochs:
         x_align = alignment_samples(ds.x_train, samples, seed=s)
         t1 = time.perf_counter()
         for balance in BALANCES:
-            config = FusionConfig(representation="neurons", balance=balance, match="ot-acts", samples=samples,
-                                  repair=False, seed=s, fix_first=True, fix_last=True, merge_sign="sum")
+            config = FusionConfig(representation="neurons", depth_align="cla", balance=balance, match="ot-acts",
+                                  samples=samples, repair_samples=samples, repair=False, seed=s, fix_first=True,
+                                  fix_last=True, **({"merge_sign": "sum"} if balance == "merge" else {}))
             prepared = prepare_fusion([model_a, model_b], x_align, config)
-            mapping = _vanilla_mapping(prepared.report)
+            mapping = _mapping(prepared.report)
             for repair in (False, True):
                 for wb in wb_grid:
                     fused = prepared.combine([1.0 - wb, wb], repair=repair)
@@ -219,9 +129,9 @@ def run_skill_transfer(*, data_root=None, seeds: Sequence[int], out_dir, epochs:
         timings.append({"seed": s, "train_or_load_s": t_train, "fuse_eval_s": time.perf_counter() - t1})
 
     write_csv(out / "results.csv", rows, COLUMNS)
-    (out / "command.txt").write_text(COMMAND + "\n")
+    cmd = write_command(out, command)
     (out / "summary.md").write_text(_summary(rows, seeds, epochs, samples, wb_grid, ds.name, timings,
-                                             hidden_a, hidden_b))
+                                             hidden_a, hidden_b, cmd))
     _figure(rows, wb_grid, out / "fig4.png")
     return rows
 
@@ -242,15 +152,16 @@ def _per_seed(rows, key, **kw):
     return list(seen.values())
 
 
-def _summary(rows, seeds, epochs, samples, wb_grid, ds_name, timings, hidden_a, hidden_b) -> str:
+def _summary(rows, seeds, epochs, samples, wb_grid, ds_name, timings, hidden_a, hidden_b, cmd) -> str:
     lines = []
     lines.append("# Skill transfer (CLAFusion §4.1 / Table 8)\n")
     lines.append(f"Data: {ds_name}; seeds {seeds}; {epochs} training epochs (SGD lr 0.01, momentum 0.5, "
                  f"batch 64); model A (hidden {list(hidden_a)}) on split A (every 4 + 10% of the other "
                  f"labels), model B (hidden {list(hidden_b)}) on split B (the rest); both bias-free. CLA: number of neurons, both constraints; neuron matching: OT of pre-activations "
                  f"on {samples} training samples (seeded, from the full training set); target = model A "
-                 "(shallower). Accuracy on the full test set, mean ± sample std over seeds.\n")
-    lines.append("Command: `" + COMMAND + "`\n")
+                 "(shallower); REPAIR (where on) on the same samples. Accuracy on the full test set, mean ± sample "
+                 "std over seeds.\n")
+    lines.append("Command: `" + cmd + "`\n")
 
     acc_a = _per_seed(rows, "acc_a")
     acc_b = _per_seed(rows, "acc_b")

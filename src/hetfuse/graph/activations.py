@@ -1,8 +1,16 @@
-"""Collect the (pre-)activations of every neuron space on a batch of inputs."""
+"""Reading a network's intermediate values: activations of neuron spaces and units, and streaming statistics.
+
+Everything runs in eval mode without gradients, batch by batch, on the models' device; values are read
+at fx nodes of the description (a neuron space's ``act_nodes``; for a residual stream every point where it
+is formed). A conv channel contributes one observation per sample and spatial position. Values are copied
+the moment they are produced, so an in-place ReLU that follows cannot overwrite them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -12,46 +20,217 @@ from .spec import NetworkGraph
 from .trace import trace
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: dict[str, list[int]], store: list[list[torch.Tensor]]):
-        super().__init__(gm)
-        self.wanted = wanted
-        self.store = store
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        for i in self.wanted.get(n.name, ()):
-            o = out.detach()
-            if o.dim() > 2:  # conv channels: (batch, C, H, W) -> rows are (sample, position)
-                o = o.movedim(1, -1).reshape(-1, o.shape[1])
-            # copied at once, so an in-place ReLU that follows cannot overwrite it
-            self.store[i].append(o.to(torch.float64, copy=True).cpu())
-        return out
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """A node's value as observations x neurons: (batch, C, H, W) -> (batch * H * W, C)."""
+    if t.dim() > 2:
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+    return t
 
 
-@torch.no_grad()
+class Recorder:
+    """Runs a traced model and returns copies of the values of chosen nodes (and nothing else). Node names are
+    those of :func:`~hetfuse.graph.trace.trace` (deterministic, so a description of a copy of the model names
+    the same nodes)."""
+
+    def __init__(self, model: nn.Module, node_names: Sequence[str]):
+        gm = trace(model)
+        graph = copy.deepcopy(gm.graph)
+        by_name = {n.name: n for n in graph.nodes}
+        missing = [n for n in node_names if n not in by_name]
+        if missing:
+            raise ValueError(f"no node(s) {missing} in the traced model")
+        clones = []
+        for name in node_names:
+            node = by_name[name]
+            with graph.inserting_after(node):
+                clones.append(graph.call_method("clone", (node,)))
+        out = next(n for n in graph.nodes if n.op == "output")
+        out.args = (tuple(clones),)
+        # the rest of the network after the last value read is not run (values were cloned as produced, so
+        # nothing computed later, in place or not, can matter)
+        order = list(graph.nodes)
+        last = max(order.index(c) for c in clones) if clones else -1
+        for n in reversed(order[last + 1:]):
+            if n.op not in ("output", "placeholder"):
+                graph.erase_node(n)
+        self.module = fx.GraphModule(gm, graph)
+        self.names = list(node_names)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.module(x)))
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def run_batches(model: nn.Module, node_names: Sequence[str], x: torch.Tensor,
+                fn: Callable[[int, dict[str, torch.Tensor]], None], *, batch_size: int = 500) -> None:
+    """Call ``fn(start, {node: value})`` for every batch of ``x`` (eval mode, no gradients; the model's
+    training flag is restored afterwards)."""
+    rec = Recorder(model, node_names)
+    was = model.training
+    model.eval()
+    rec.module.eval()
+    try:
+        with torch.no_grad():
+            dev = _device(model)
+            for start in range(0, x.shape[0], batch_size):
+                fn(start, rec(x[start:start + batch_size].to(dev)))
+    finally:
+        model.train(was)
+
+
 def layer_activations(model: nn.Module, graph: NetworkGraph, x: torch.Tensor, *, batch_size: int = 1000,
                       layers: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """Pre-activations of each hidden layer: one ``t x n_l`` float64 tensor per neuron space.
+    """Pre-activations of each hidden layer: one ``t x n_l`` float64 tensor per neuron space (on the model's
+    device).
 
-    Read at the space's ``act_nodes`` (the Linear/Conv output, or the BatchNorm after it; for a
-    residual stream every point where it is formed, stacked along the rows) in eval mode. A conv
-    channel contributes one row per sample and spatial position. ``layers`` restricts the result to
+    Read at the space's ``act_nodes`` (the Linear/Conv output, or the BatchNorm after it; for a residual
+    stream every point where it is formed, stacked along the rows). ``layers`` restricts the result to
     those spaces (the others come back empty).
     """
-    wanted: dict[str, list[int]] = {}
-    for i, space in enumerate(graph.spaces):
-        if layers is None or i in layers:
-            for node in space.act_nodes:
-                wanted.setdefault(node, []).append(i)
+    wanted = {i for i in range(len(graph.spaces)) if layers is None or i in layers}
+    nodes = sorted({n for i in wanted for n in graph.spaces[i].act_nodes})
     store: list[list[torch.Tensor]] = [[] for _ in graph.spaces]
-    was_training = model.training
-    model.eval()
-    try:
-        gm = trace(model)
-        for start in range(0, x.shape[0], batch_size):
-            _Recorder(gm, wanted, store).run(x[start:start + batch_size])
-    finally:
-        model.train(was_training)
-    return [torch.cat(parts) if parts else torch.empty(0, graph.spaces[i].size, dtype=torch.float64)
+
+    def take(_start, vals):
+        for i in wanted:
+            store[i].append(torch.cat([rows(vals[n]).to(torch.float64) for n in graph.spaces[i].act_nodes]))
+
+    if nodes:
+        run_batches(model, nodes, x, take, batch_size=batch_size)
+    dev = _device(model)
+    return [torch.cat(parts) if parts else torch.empty(0, graph.spaces[i].size, dtype=torch.float64, device=dev)
             for i, parts in enumerate(store)]
+
+
+def node_features(model: nn.Module, graph: NetworkGraph, node_names: Sequence[str], x: torch.Tensor, *,
+                  max_rows: int = 4096, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Per node, a ``rows x channels`` float64 matrix of its values, the (sample, position) rows subsampled
+    deterministically (evenly spaced) to at most ``max_rows``. Nodes of the same spatial size get the same
+    rows, so their matrices can be compared sample by sample (CKA)."""
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in node_names}
+    total = x.shape[0]
+
+    def take(start, vals):
+        for name, v in vals.items():
+            per = int(torch.tensor(v.shape[2:]).prod()) if v.dim() > 2 else 1
+            r = rows(v)
+            n_rows = total * per
+            idx = torch.linspace(0, n_rows - 1, min(max_rows, n_rows), dtype=torch.float64).round().long()
+            lo = start * per
+            local = idx[(idx >= lo) & (idx < lo + r.shape[0])] - lo
+            store[name].append(r[local.to(r.device)].to(torch.float64))
+
+    names = list(dict.fromkeys(node_names))
+    if names:
+        run_batches(model, names, x, take, batch_size=batch_size)
+    return {n: torch.cat(p) for n, p in store.items()}
+
+
+def node_moments(model: nn.Module, graph: NetworkGraph, node_names: Sequence[str], x: torch.Tensor, *,
+                 batch_size: int = 500) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per node, the per-channel (mean, biased variance) of its values over every sample and position."""
+    acc: dict[str, list] = {}
+
+    def take(_start, vals):
+        for name, v in vals.items():
+            r = rows(v).to(torch.float64)
+            s = acc.setdefault(name, [0, 0.0, 0.0])
+            s[0] += r.shape[0]
+            s[1] = s[1] + r.sum(0)
+            s[2] = s[2] + (r * r).sum(0)
+
+    names = list(dict.fromkeys(node_names))
+    if names:
+        run_batches(model, names, x, take, batch_size=batch_size)
+    out = {}
+    for name, (n, s1, s2) in acc.items():
+        mean = s1 / n
+        out[name] = (mean, (s2 / n - mean * mean).clamp_min(0.0))
+    return out
+
+
+@dataclass
+class SpaceStats:
+    """First and second moments of every neuron space's activations, per model and between models.
+
+    ``count[s]``: observations of space s; ``sums[i][s]``: the sum of model i's activations; ``squares[i][s]``
+    their sum of squares; ``grams[(i, j)][s]``: Σ a_i a_jᵀ (n_i x n_j) for the requested pairs (i <= j).
+    """
+
+    count: list[int]
+    sums: list[list[torch.Tensor]]
+    squares: list[list[torch.Tensor]]
+    grams: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
+
+    def mean(self, i: int, s: int) -> torch.Tensor:
+        return self.sums[i][s] / self.count[s]
+
+    def std(self, i: int, s: int) -> torch.Tensor:
+        m = self.mean(i, s)
+        return (self.squares[i][s] / self.count[s] - m * m).clamp_min(0.0).sqrt()
+
+    def gram(self, i: int, j: int, s: int) -> torch.Tensor:
+        if (i, j) in self.grams:
+            return self.grams[(i, j)][s]
+        if (j, i) in self.grams:
+            return self.grams[(j, i)][s].T
+        raise KeyError(f"statistics between models {i} and {j} were not collected")
+
+    def sq_distances(self, i: int, j: int, s: int) -> torch.Tensor:
+        """Squared Euclidean distances between model i's and model j's neurons (vectors of activations over
+        the same observations), from the moments: |a|² + |b|² − 2 a·b."""
+        d = self.squares[i][s][:, None] + self.squares[j][s][None, :] - 2.0 * self.gram(i, j, s)
+        return d.clamp_min(0.0)
+
+    def covariance(self, i: int, j: int, s: int) -> torch.Tensor:
+        n = self.count[s]
+        return self.gram(i, j, s) / n - torch.outer(self.mean(i, s), self.mean(j, s))
+
+    def correlation(self, i: int, j: int, s: int, eps: float = 1e-12) -> torch.Tensor:
+        cov = self.covariance(i, j, s)
+        return cov / (torch.outer(self.std(i, s), self.std(j, s)) + eps)
+
+
+def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph], x: torch.Tensor, *,
+                     pairs: Sequence[tuple[int, int]] = (), batch_size: int = 250) -> SpaceStats:
+    """Moments of every space of every model on the same inputs (models of corresponding structure: space s
+    of every model is read at corresponding nodes, so rows are the same observations)."""
+    k = len(models)
+    n_spaces = len(graphs[0].spaces)
+    pairs = sorted({(min(i, j), max(i, j)) for i, j in pairs})
+    count = [0] * n_spaces
+    sums: list[list] = [[0.0] * n_spaces for _ in range(k)]
+    squares: list[list] = [[0.0] * n_spaces for _ in range(k)]
+    grams: dict[tuple[int, int], list] = {p: [0.0] * n_spaces for p in pairs}
+    recorders = []
+    for m, g in zip(models, graphs):
+        nodes = [n for s in g.spaces for n in s.act_nodes]
+        recorders.append(Recorder(m, nodes))
+    was = [m.training for m in models]
+    for m, r in zip(models, recorders):
+        m.eval()
+        r.module.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                feats = []
+                for m, g, r in zip(models, graphs, recorders):
+                    vals = r(x[start:start + batch_size].to(_device(m)))
+                    feats.append([torch.cat([rows(vals[n]).to(torch.float64) for n in sp.act_nodes])
+                                  for sp in g.spaces])
+                for s in range(n_spaces):
+                    count[s] += feats[0][s].shape[0]
+                    for i in range(k):
+                        f = feats[i][s]
+                        sums[i][s] = sums[i][s] + f.sum(0)
+                        squares[i][s] = squares[i][s] + (f * f).sum(0)
+                    for (i, j) in pairs:
+                        grams[(i, j)][s] = grams[(i, j)][s] + feats[i][s].T @ feats[j][s].to(feats[i][s].device)
+    finally:
+        for m, w in zip(models, was):
+            m.train(w)
+    return SpaceStats(count, sums, squares, grams)

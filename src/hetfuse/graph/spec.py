@@ -55,12 +55,36 @@ class NeuronSpace:
         return [m for m in self.members if m.role == "in"]
 
 
+INPUT = -1   # ModuleInfo.in_space of a layer that reads the model's input
+OUTPUT = -2  # ModuleInfo.out_space of the output layer
+
+
+@dataclass
+class ModuleInfo:
+    """A parametric module (Linear, Conv2d or BatchNorm) as the description sees it.
+
+    ``in_space`` / ``out_space`` index the hidden neuron spaces (:data:`INPUT` for the model's input,
+    :data:`OUTPUT` for the class outputs); a BatchNorm has the space it normalises on both sides.
+    ``node`` is the fx node that calls it; ``params`` the local names of its tensors in state-dict order.
+    """
+
+    name: str
+    kind: Literal["linear", "conv", "norm"]
+    node: str
+    in_space: int
+    out_space: int
+    params: list[str]
+
+
 @dataclass
 class NetworkGraph:
     """The description of a network: its hidden neuron spaces in forward order.
 
     ``chain`` is True when the network is a plain sequence of layers (each space has one producer
-    and feeds only the next layer), which the MLP balancing operations need.
+    and feeds only the next layer). ``modules`` lists the parametric modules in the order of the traced
+    graph: two networks of the same structure (any widths) have corresponding lists, which is how
+    parameters are paired across models (:mod:`hetfuse.graph.correspond`). ``gm`` is the traced
+    ``torch.fx.GraphModule`` whose node names the description uses.
     """
 
     spaces: list[NeuronSpace]
@@ -69,6 +93,8 @@ class NetworkGraph:
     chain: bool
     layer_modules: list[str]
     conv: bool = False
+    modules: list[ModuleInfo] = field(default_factory=list)
+    gm: object = field(default=None, repr=False, compare=False)
 
     @property
     def depth(self) -> int:
@@ -99,8 +125,24 @@ def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) 
         raise ValueError(f"{axis.name}: axis {axis.axis} has size {t.shape[0]}, expected {n_src}x{blk}")
     t = t.reshape(n_src, blk, -1)
     m = matrix.to(dtype=t.dtype, device=t.device)
-    out = torch.einsum("sbr,sd->dbr", t, m)
+    sel = _single_source(m)
+    if sel is not None:  # every target takes one source (a permutation, a copy, a selection): a gather
+        rows, scale = sel
+        out = t.index_select(0, rows)
+        if not bool((scale == 1).all()):
+            out = out * scale.view(-1, 1, 1)
+    else:
+        out = torch.einsum("sbr,sd->dbr", t, m)
     return out.reshape(n_dst * blk, *rest).movedim(0, axis.axis).contiguous()
+
+
+def _single_source(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(source index, value) per column when every column of ``m`` has exactly one non-zero entry, else None."""
+    nz = m != 0
+    if not bool((nz.sum(0) == 1).all()):
+        return None
+    rows = nz.to(torch.int8).argmax(0)
+    return rows, m[rows, torch.arange(m.shape[1], device=m.device)]
 
 
 def permute_state(state: dict[str, torch.Tensor], space: NeuronSpace, perm: torch.Tensor) -> dict[str, torch.Tensor]:

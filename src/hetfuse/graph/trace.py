@@ -26,7 +26,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
-from .spec import NetworkGraph, NeuronSpace, ParamAxis
+from .spec import INPUT, OUTPUT, ModuleInfo, NetworkGraph, NeuronSpace, ParamAxis
 
 _ACT_MODULES = (nn.ReLU, nn.Dropout, nn.Identity)
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -59,6 +59,10 @@ def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
+    """The model's fx graph. A ``GraphModule`` (a model hetfuse balanced, say) is its own trace: its node
+    names are the ones its recorded edits refer to, so it is not traced again."""
+    if isinstance(model, fx.GraphModule):
+        return model
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # data-dependent control flow, unsupported Python constructs...
@@ -87,6 +91,8 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
     parent: list[int] = []
     consumers: dict[int, list[str]] = {}
     layer_order: list[str] = []
+    module_records: list[tuple[str, str, str, int, int]] = []  # name, kind, node, in space, out space
+    called: set[str] = set()
     output: _Val | None = None
 
     def find(i: int) -> int:
@@ -125,8 +131,16 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
         spaces[s].members.append(ParamAxis(weight, 1, "in", block))
         consumers.setdefault(s, []).append(str(node.target))
 
+    def in_space(v: _Val) -> int:
+        return INPUT if v.space == _INPUT else v.space
+
     for node in gm.graph.nodes:
         mod = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+            if node.target in called:
+                raise UnsupportedModelError(f"node '{node.name}': module '{node.target}' is called more than once "
+                                            "(shared weights are not supported)")
+            called.add(node.target)
         if node.op == "placeholder":
             if vals:
                 raise UnsupportedModelError(f"node '{node.name}': models with several inputs are not supported")
@@ -155,6 +169,7 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
                 members.append(ParamAxis(f"{node.target}.bias", 0, "out"))
             vals[node] = _Val(new_space(node, node.target, mod.out_features, "linear", members))
             layer_order.append(node.target)
+            module_records.append((node.target, "linear", node.name, in_space(v), vals[node].space))
         elif isinstance(mod, nn.Conv2d):
             if mod.groups != 1:
                 raise UnsupportedModelError(f"node '{node.name}': grouped convolution '{node.target}' "
@@ -169,6 +184,7 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
             vals[node] = _Val(new_space(node, node.target, mod.out_channels, "conv", members), spatial=True,
                               hw=hw_of(node))
             layer_order.append(node.target)
+            module_records.append((node.target, "conv", node.name, in_space(v), vals[node].space))
         elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
             v = source(node, node.args[0])
             if v.space in (_INPUT, _META):
@@ -190,6 +206,7 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
             if spaces[s].act_module == spaces[s].producers[-1]:
                 spaces[s].act_module = node.target
             vals[node] = _Val(v.space, spatial=v.spatial, hw=v.hw)
+            module_records.append((node.target, "norm", node.name, v.space, v.space))
         elif isinstance(mod, _ACT_MODULES) or (node.op == "call_function" and node.target in _ACT_FUNCTIONS) or \
                 (node.op == "call_method" and node.target in _ACT_METHODS):
             v = source(node, node.args[0])
@@ -270,6 +287,21 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
         if i not in consumers:
             raise UnsupportedModelError(f"hidden layer '{spaces[i].name}' is never used by a later layer")
     hidden = [spaces[i] for i in roots]
+    position = {r: k for k, r in enumerate(roots)}
+
+    def hidden_index(i: int) -> int:
+        if i == INPUT:
+            return INPUT
+        r = find(i)
+        return OUTPUT if r == out_root else position[r]
+
+    infos = []
+    for name, kind, node_name, i_in, i_out in module_records:
+        mod = modules[name]
+        present = [k for k, _ in mod.named_parameters(recurse=False)] + \
+            [k for k, b in mod.named_buffers(recurse=False) if b is not None]
+        order = [k for k in mod.state_dict().keys() if k in present]
+        infos.append(ModuleInfo(name, kind, node_name, hidden_index(i_in), hidden_index(i_out), order))
     first = modules[layer_order[0]]
     input_dim = first.in_features if isinstance(first, nn.Linear) else first.in_channels
     order = {name: k for k, name in enumerate(layer_order)}
@@ -278,7 +310,7 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
         for i, s in zip(roots, hidden))
     return NetworkGraph(spaces=hidden, input_dim=input_dim, output_dim=out_space.size, chain=chain,
                         layer_modules=layer_order,
-                        conv=any(s.kind == "conv" for s in hidden))
+                        conv=any(s.kind == "conv" for s in hidden), modules=infos, gm=gm)
 
 
 def _check_flat_reshape(node: fx.Node, size: int) -> None:

@@ -1,5 +1,5 @@
-"""Checkpoint input/output."""
+"""Checkpoint input/output (safetensors; structure recorded as data)."""
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["load_checkpoint", "load_model", "save_checkpoint", "save_model"]

@@ -1,7 +1,18 @@
-"""Checkpoints: safetensors files with the architecture in their metadata (no pickle unless asked)."""
+"""Checkpoints: safetensors files that describe how to rebuild the model without executing code.
+
+A checkpoint holds the tensors and, in its metadata, the model's *base* — ``{"zoo": arch}`` for a model of
+hetfuse's zoo, ``{"class": "module.QualName"}`` for a user's class (rebuilt from a fresh instance the caller
+passes as ``base=``) — and the structural *edits* made to it (identity layers and zero blocks inserted,
+layers folded, layers resized, biases added; :mod:`hetfuse.graph.rewrite`), as data.
+
+Loading treats the file as untrusted: the base and the edits are first replayed on the ``meta`` device (no
+memory is allocated) and the resulting parameter names and shapes must equal the tensors' before anything
+real is built; pickle files are refused unless explicitly allowed.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -11,54 +22,78 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import CheckpointError
-from ..models.registry import arch_with_added_biases, model_from_arch
+from ..errors import CheckpointError, HetfuseError
 
 FORMAT = "hetfuse"
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"}
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], path: Path | str, action: str) -> None:
+def _check_finite(tensors: dict[str, torch.Tensor], path, action: str) -> None:
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(f"{action} {path}: parameter(s) {', '.join(bad)} contain NaN or Inf")
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None,
-                    force: bool = False) -> Path:
-    """Write ``model`` to ``path`` as a safetensors file (atomically); returns the path."""
-    from safetensors.torch import save_file
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    path = Path(path)
-    if path.exists() and not force:
-        raise CheckpointError(f"refusing to overwrite existing checkpoint {path} (pass --force to replace it)")
-    if path.exists() and path.is_dir():
-        raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
-    if not hasattr(model, "arch"):
-        raise CheckpointError(f"cannot save {type(model).__name__} to {path}: the model has no arch() description")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    _check_finite(tensors, path, "refusing to save checkpoint")
-    try:
-        meta = {"format": FORMAT, "hetfuse_version": __version__, "arch": json.dumps(arch_with_added_biases(model)),
-                "extra": json.dumps(metadata if metadata is not None else {})}
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot save checkpoint {path}: metadata is not JSON-serialisable ({e})") from None
+
+def atomic_write_bytes(path: Path, writer, *, suffix: str = ".tmp") -> None:
+    """Write a file atomically (temporary file + rename) with the permissions the umask gives a new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        writer(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, Exception) and not isinstance(e, CheckpointError):
-            raise CheckpointError(f"failed to write checkpoint {path}: {e}") from e
         raise
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None,
+               force: bool = False) -> Path:
+    """Write ``model`` to ``path`` as a safetensors checkpoint (atomically): its tensors, its base and its edits
+    (see the module docstring), and ``metadata`` (any JSON-able dict). Returns the path."""
+    from safetensors.torch import save_file
+
+    from ..graph.rewrite import base_of, edits_of
+
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
+    if path.exists() and not force:
+        raise CheckpointError(f"refusing to overwrite existing checkpoint {path} (pass --force to replace it)")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    _check_finite(tensors, path, "refusing to save checkpoint")
+    try:
+        meta = {"format": FORMAT, "hetfuse_version": __version__, "base": json.dumps(base_of(model)),
+                "edits": json.dumps(edits_of(model)), "extra": json.dumps(metadata if metadata is not None else {})}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot save checkpoint {path}: metadata is not JSON-serialisable ({e})") from None
+    try:
+        atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"failed to write checkpoint {path}: {e}") from e
     return path
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None,
+                    force: bool = False) -> Path:
+    """Same as :func:`save_model` (the name the CLI and experiments use)."""
+    return save_model(model, path, metadata=metadata, force=force)
+
+
+# ----------------------------------------------------------------------------------------------- loading
 
 
 def _looks_like_pickle(path: Path, head: bytes) -> bool:
@@ -74,60 +109,108 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 def _pickle_refusal(path: Path) -> CheckpointError:
     return CheckpointError(
-        f"{path} is not a safetensors checkpoint (it looks like a pickle / torch.save file). Loading pickle "
-        "files can run arbitrary code; if you trust this file, pass --allow-pickle (allow_pickle=True)"
-    )
+        f"{path} is not a safetensors checkpoint (it looks like a pickle / torch.save file). Loading pickle files "
+        "can run arbitrary code; if you trust this file, pass --allow-pickle (allow_pickle=True)")
 
 
-def _model_from_state(arch: dict, state: dict, path: Path) -> nn.Module:
+def _class_name(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _build(base_desc: dict, edits: list, base: nn.Module | None, path: Path, n_tensors: int,
+           device: torch.device | str) -> nn.Module:
+    """The model the checkpoint describes, built on ``device`` (``meta``: shapes only, nothing allocated)."""
+    from ..graph.rewrite import apply_edits
+    from ..models.registry import model_from_arch
+
+    if "zoo" in base_desc:
+        arch = base_desc["zoo"]
+        if not isinstance(arch, dict):
+            raise CheckpointError(f"checkpoint {path}: architecture metadata is not a dict")
+        for k, v in arch.items():
+            if isinstance(v, list) and len(v) > n_tensors + 8:
+                raise CheckpointError(f"checkpoint {path}: architecture field {k!r} lists {len(v)} entries for "
+                                      f"{n_tensors} tensors")
+        if sum(v for v in arch.get("blocks", []) if isinstance(v, int)) > n_tensors:
+            raise CheckpointError(f"checkpoint {path}: architecture has more blocks than the file has tensors")
+        try:
+            with torch.device(device):
+                model = model_from_arch(arch)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path}: bad architecture {arch!r}: {e}") from None
+    elif "class" in base_desc:
+        if base is None:
+            raise CheckpointError(f"checkpoint {path} holds a {base_desc['class']} (not a hetfuse zoo model): load it "
+                                  f"in Python with hetfuse.load_model(path, base=<a fresh instance of that class>)")
+        if _class_name(base) != base_desc["class"]:
+            raise CheckpointError(f"checkpoint {path} was saved from a {base_desc['class']}, but base is a "
+                                  f"{_class_name(base)}")
+        model = copy.deepcopy(base).to(device)
+    else:
+        raise CheckpointError(f"checkpoint {path}: metadata names no base architecture")
     try:
-        model = model_from_arch(arch)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path}: bad architecture {arch!r}: {e}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+        with torch.device(device):
+            model = apply_edits(model, edits)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    except (HetfuseError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path}: its edits do not apply to its base architecture ({e})") from None
+    return model
+
+
+def _compare(model: nn.Module, shapes: dict[str, tuple], path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {path}: weights do not match its architecture (missing: {missing or 'none'}; "
-            f"unexpected: {unexpected or 'none'})"
-        )
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
+        raise CheckpointError(f"checkpoint {path}: weights do not match its architecture (missing: "
+                              f"{', '.join(missing[:5]) or 'none'}{' ...' if len(missing) > 5 else ''}; unexpected: "
+                              f"{', '.join(unexpected[:5]) or 'none'}{' ...' if len(unexpected) > 5 else ''})")
+    wrong = [f"{k}: {shapes[k]} vs {v}" for k, v in expected.items() if shapes[k] != v]
     if wrong:
-        raise CheckpointError(f"checkpoint {path}: weight shapes do not match its architecture ({'; '.join(wrong)})")
-    _check_finite(state, path, "refusing to load checkpoint")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return model.eval()
+        raise CheckpointError(f"checkpoint {path}: weight shapes do not match its architecture "
+                              f"({'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''})")
 
 
-def _load_pickle(path: Path) -> tuple[nn.Module, dict]:
+def _legacy(meta: dict, path: Path) -> tuple[dict, list, dict]:
+    """Base and edits of a checkpoint written by hetfuse 0.1 (``arch`` with optional ``added_biases``)."""
+    arch = json.loads(meta["arch"])
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"checkpoint {path}: architecture metadata is not a dict")
+    added = arch.pop("added_biases", [])
+    edits = []
+    if added:
+        from ..graph.rewrite import module_spec
+        from ..models.registry import model_from_arch
+
+        with torch.device("meta"):
+            ref = model_from_arch(arch)
+        for name in added:
+            mod = ref.get_submodule(str(name).removesuffix(".bias"))
+            spec = module_spec(mod)
+            spec["args"]["bias"] = True
+            edits.append({"op": "replace_module", "target": str(name).removesuffix(".bias"), "module": spec})
+    return {"zoo": arch}, edits, meta
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, tuple]]:
+    """The metadata and the tensors' shapes of a safetensors file, without reading the tensors."""
+    from safetensors import safe_open
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot load {path} with torch.load: {e}") from None
-    if isinstance(obj, nn.Module):
-        _check_finite(dict(obj.state_dict()), path, "refusing to load checkpoint")
-        return obj.eval(), {}
-    if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
-        arch = obj["arch"]
-        if isinstance(arch, str):
-            try:
-                arch = json.loads(arch)
-            except json.JSONDecodeError:
-                raise CheckpointError(f"checkpoint {path}: 'arch' is not valid JSON") from None
-        if not isinstance(arch, dict) or not isinstance(obj["state_dict"], dict):
-            raise CheckpointError(f"checkpoint {path}: 'arch' must be a dict and 'state_dict' a dict of tensors")
-        state = {k: torch.as_tensor(v) for k, v in obj["state_dict"].items()}
-        extra = obj.get("metadata", obj.get("extra", {}))
-        return _model_from_state(arch, state, path), dict(extra) if isinstance(extra, dict) else {}
-    raise CheckpointError(
-        f"{path}: torch.load gave a {type(obj).__name__}; expected an nn.Module or a dict with 'arch' and 'state_dict'"
-    )
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises SafetensorError (and sometimes others) on bad files
+        raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
+    return meta, shapes
 
 
-def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[nn.Module, dict]:
-    """Load a checkpoint; returns ``(model in eval mode, extra metadata dict)``."""
+def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False, base: nn.Module | None = None,
+                    device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load a checkpoint; returns ``(model in eval mode, its metadata dict)``. ``base``: a fresh instance of the
+    user's class for checkpoints of non-zoo models."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -139,32 +222,75 @@ def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> t
     with open(path, "rb") as fh:
         head = fh.read(16)
     if not _looks_like_safetensors(head, size):
-        if _looks_like_pickle(path, head):
-            if not allow_pickle:
-                raise _pickle_refusal(path)
-            return _load_pickle(path)
+        if _looks_like_pickle(path, head) and not allow_pickle:
+            raise _pickle_refusal(path)
         if allow_pickle:
             return _load_pickle(path)
-        raise CheckpointError(
-            f"{path} is not a valid safetensors checkpoint (corrupt, truncated or another format); "
-            "if it is a torch.save file you trust, pass --allow-pickle"
-        )
+        raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt, truncated or another format); "
+                              "if it is a torch.save file you trust, pass --allow-pickle")
+    meta, shapes = read_header(path)
+    if meta.get("format") != FORMAT or not ("base" in meta or "arch" in meta):
+        raise CheckpointError(f"{path} is a safetensors file without hetfuse metadata (a foreign checkpoint): its "
+                              "architecture is unknown, so hetfuse cannot rebuild the model")
+    try:
+        if "base" in meta:
+            base_desc, edits = json.loads(meta["base"]), json.loads(meta.get("edits", "[]") or "[]")
+        else:
+            base_desc, edits, _ = _legacy(meta, path)
+        extra = json.loads(meta.get("extra", "{}") or "{}")
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path}: corrupt metadata ({e})") from None
+    if not isinstance(base_desc, dict):
+        raise CheckpointError(f"checkpoint {path}: base metadata is not a dict")
+    # first the structure alone, on the meta device: nothing is allocated before it matches the tensors
+    _compare(_build(base_desc, edits, base, path, len(shapes), "meta"), shapes, path)
+    model = _build(base_desc, edits, base, path, len(shapes), device)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises SafetensorError (and sometimes others) on bad files
+    except Exception as e:
         raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
-    if meta.get("format") != FORMAT or "arch" not in meta:
-        raise CheckpointError(
-            f"{path} is a safetensors file without hetfuse metadata (a foreign checkpoint): its architecture is "
-            "unknown, so hetfuse cannot rebuild the model"
-        )
+    _check_finite(state, path, "refusing to load checkpoint")
+    ref = model.state_dict()
+    model.load_state_dict({k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in state.items()})
+    return model.eval(), extra if isinstance(extra, dict) else {"extra": extra}
+
+
+def load_model(path: str | os.PathLike, base: nn.Module | None = None, *, allow_pickle: bool = False,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """Load a model saved with :func:`save_model` (in eval mode). ``base``: a fresh instance of the user's class,
+    needed only for models that are not from hetfuse's zoo (the checkpoint records the class's name)."""
+    return load_checkpoint(path, allow_pickle=allow_pickle, base=base, device=device)[0]
+
+
+def _load_pickle(path: Path) -> tuple[nn.Module, dict]:
     try:
-        arch = json.loads(meta["arch"])
-        extra = json.loads(meta.get("extra", "{}") or "{}")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path}: corrupt metadata ({e})") from None
-    if not isinstance(arch, dict):
-        raise CheckpointError(f"checkpoint {path}: architecture metadata is not a dict")
-    return _model_from_state(arch, state, path), extra if isinstance(extra, dict) else {"extra": extra}
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot load {path} with torch.load: {e}") from None
+    if isinstance(obj, nn.Module):
+        _check_finite(dict(obj.state_dict()), path, "refusing to load checkpoint")
+        return obj.eval(), {}
+    if isinstance(obj, dict) and "arch" in obj and "state_dict" in obj:
+        from ..models.registry import model_from_arch
+
+        arch = obj["arch"]
+        if isinstance(arch, str):
+            try:
+                arch = json.loads(arch)
+            except json.JSONDecodeError:
+                raise CheckpointError(f"checkpoint {path}: 'arch' is not valid JSON") from None
+        if not isinstance(arch, dict) or not isinstance(obj["state_dict"], dict):
+            raise CheckpointError(f"checkpoint {path}: 'arch' must be a dict and 'state_dict' a dict of tensors")
+        state = {k: torch.as_tensor(v) for k, v in obj["state_dict"].items()}
+        try:
+            model = model_from_arch(arch)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path}: bad architecture {arch!r}: {e}") from None
+        _compare(model, {k: tuple(v.shape) for k, v in state.items()}, path)
+        _check_finite(state, path, "refusing to load checkpoint")
+        model.load_state_dict(state)
+        extra = obj.get("metadata", obj.get("extra", {}))
+        return model.eval(), dict(extra) if isinstance(extra, dict) else {}
+    raise CheckpointError(f"{path}: torch.load gave a {type(obj).__name__}; expected an nn.Module or a dict with "
+                          "'arch' and 'state_dict'")

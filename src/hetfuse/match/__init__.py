@@ -1,6 +1,11 @@
-"""Neuron alignment: optimal transport and permutations (OTFusion)."""
+"""The neuron-matcher stage: how every network's neurons enter the fused network's (optimal transport,
+vanilla averaging; more in later files). One file per method."""
 
-from .align import MATCHES, Alignment, align_model
+from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap
 from .transport import SOLVERS, Transport, ground_cost, solve_transport
+from .assignment import solve_assignment  # noqa: I001
+from .ot import OTActs, OTWeights  # registration order = the order of the docs and the CLI
+from .vanilla import Vanilla
 
-__all__ = ["MATCHES", "SOLVERS", "Alignment", "Transport", "align_model", "ground_cost", "solve_transport"]
+__all__ = ["MatchContext", "MatchResult", "NeuronMatcher", "OTActs", "OTWeights", "SOLVERS", "SpaceMap", "Transport",
+           "Vanilla", "ground_cost", "solve_assignment", "solve_transport"]

@@ -20,11 +20,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import ot
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..errors import HetfuseError
+from .assignment import solve_assignment
 
 SOLVERS = ("exact", "sinkhorn")
 
@@ -59,38 +58,45 @@ class Transport:
             bool(torch.all(f.sum(0) == 1)) and bool(torch.all(f.sum(1) == 1))
 
 
-def ground_cost(src: torch.Tensor, dst: torch.Tensor) -> np.ndarray:
+def ground_cost(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Pairwise Euclidean distance (not squared, as in the published OTFusion runs) between neuron
-    feature vectors: ``src`` is ``n_src x d`` and ``dst`` is ``n_dst x d``. float64."""
+    feature vectors: ``src`` is ``n_src x d`` and ``dst`` is ``n_dst x d``. float64, on ``src``'s device."""
     a = src.to(torch.float64)
-    b = dst.to(torch.float64)
+    b = dst.to(device=a.device, dtype=torch.float64)
     if a.shape[1] != b.shape[1]:
         raise HetfuseError(f"neuron features differ in length: {a.shape[1]} vs {b.shape[1]}")
-    c = torch.cdist(a, b).cpu().numpy()
-    if not np.all(np.isfinite(c)):
+    c = torch.cdist(a, b)
+    if not bool(torch.isfinite(c).all()):
         raise HetfuseError("ground cost has NaN or Inf (check the model weights and the data)")
     return c
 
 
-def solve_transport(cost: np.ndarray, *, solver: str = "exact", reg: float = 0.01,
-                    max_iter: int = 10_000_000) -> Transport:
-    """Optimal transport between uniform marginals for an ``n_src x n_dst`` ground cost.
+def solve_transport(cost, *, solver: str = "exact", reg: float = 0.01, max_iter: int = 10_000_000) -> Transport:
+    """Optimal transport between uniform marginals for an ``n_src x n_dst`` ground cost (array or tensor).
 
-    ``exact``: equal sizes use ``scipy.optimize.linear_sum_assignment`` (the exact plan is then a
-    permutation); different sizes use POT's network simplex (``ot.emd``) in float64 with its result
-    code checked. ``sinkhorn``: entropic OT in the log domain with regularisation ``reg`` relative to
-    the largest cost entry.
+    ``exact``: equal sizes use an exact linear assignment (:func:`~hetfuse.match.assignment.solve_assignment`:
+    lapjv with a certificate, else SciPy; the exact plan is then a permutation); different sizes use POT's
+    network simplex (``ot.emd``) in float64 with its result code checked. ``sinkhorn``: entropic OT in the
+    log domain with regularisation ``reg`` relative to the largest cost entry. Only the solve leaves the
+    cost's device.
     """
+    if isinstance(cost, torch.Tensor):
+        cost = cost.detach().cpu().to(torch.float64).numpy()
     cost = np.ascontiguousarray(cost, dtype=np.float64)
+    if not np.all(np.isfinite(cost)):
+        raise HetfuseError("ground cost has NaN or Inf (check the model weights and the data)")
     n_src, n_dst = cost.shape
     mu = np.full(n_src, 1.0 / n_src)
     nu = np.full(n_dst, 1.0 / n_dst)
     if solver == "exact":
         if n_src == n_dst:
-            rows, cols = linear_sum_assignment(cost)
+            cols, _name = solve_assignment(cost)
+            rows = np.arange(n_src)
             plan = np.zeros_like(cost)
             plan[rows, cols] = 1.0 / n_src
             return Transport.from_plan(plan, "lap", float(cost[rows, cols].sum() / n_src))
+        import ot
+
         plan, log = ot.emd(mu, nu, cost, numItermax=max_iter, log=True)
         if log.get("result_code") != 1 or log.get("warning"):
             raise HetfuseError(f"network simplex did not reach optimality ({log.get('warning')}); "
@@ -100,6 +106,8 @@ def solve_transport(cost: np.ndarray, *, solver: str = "exact", reg: float = 0.0
     if solver == "sinkhorn":
         if reg <= 0:
             raise HetfuseError(f"sinkhorn needs reg > 0, got {reg}")
+        import ot
+
         scale = cost.max() if cost.max() > 0 else 1.0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

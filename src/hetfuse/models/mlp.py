@@ -49,8 +49,8 @@ class MLP(nn.Module):
 
     def arch(self) -> dict:
         """JSON-serialisable architecture, stored in checkpoint metadata."""
-        flags = [lin.bias is not None for lin in self.linears()]  # current state: repair may add biases
-        bias: bool | list[bool] = flags[0] if len(set(flags)) == 1 else flags
+        flags = self.bias_flags
+        bias: bool | list[bool] = flags[0] if len(set(flags)) == 1 else list(flags)
         return {"type": "mlp", "input_dim": self.input_dim, "hidden": list(self.hidden),
                 "output_dim": self.output_dim, "bias": bias}
 

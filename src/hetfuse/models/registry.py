@@ -121,10 +121,8 @@ def parse_arch(spec: str, *, input_dim: int, output_dim: int, bias: bool = False
 
 
 def model_from_arch(arch: dict) -> nn.Module:
-    """Build a model from its architecture dict. ``added_biases`` (optional) names bias parameters that
-    a fusion step (REPAIR) added to layers built without one; they are created, as zeros."""
+    """Build a model from its architecture dict."""
     arch = dict(arch)
-    added = arch.pop("added_biases", [])
     kind = arch.get("type")
     if kind == "mlp":
         model = MLP.from_arch(arch)
@@ -134,20 +132,7 @@ def model_from_arch(arch: dict) -> nn.Module:
         model = ResNet.from_arch(arch)
     else:
         raise ValueError(f"unknown architecture type {kind!r}; known: mlp, vgg, resnet")
-    for name in added:
-        module = model.get_submodule(name.removesuffix(".bias"))
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or module.bias is not None:
-            raise ValueError(f"added bias {name!r} does not belong to a Linear/Conv2d layer without bias")
-        module.bias = nn.Parameter(torch.zeros(module.weight.shape[0]))
     return model
-
-
-def arch_with_added_biases(model: nn.Module) -> dict:
-    """``model.arch()``, plus the bias parameters the architecture alone would not create."""
-    arch = model.arch()
-    rebuilt = set(model_from_arch(arch).state_dict())
-    added = sorted(k for k in model.state_dict() if k not in rebuilt and k.endswith(".bias"))
-    return dict(arch, added_biases=added) if added else arch
 
 
 def build_model(spec: str, *, input_dim: int, output_dim: int, bias: bool = False,

@@ -1,5 +1,9 @@
-"""Statistics repair of fused networks."""
+"""The repair stage: statistics correction of the fused network. One file per method."""
 
-from .stats import has_batchnorm, interpolate_stats, neuron_stats, repair_model, reset_batchnorm
+from .base import Repair, RepairContext, has_batchnorm
+from .auto import AutoRepair, NoRepair  # noqa: I001  (registration order = docs order)
+from .bn_reset import BNReset, reset_batchnorm
+from .repair import RepairMethod, repair_spaces, repairable_spaces
 
-__all__ = ["has_batchnorm", "interpolate_stats", "neuron_stats", "repair_model", "reset_batchnorm"]
+__all__ = ["AutoRepair", "BNReset", "NoRepair", "Repair", "RepairContext", "RepairMethod", "has_batchnorm",
+           "repair_spaces", "repairable_spaces", "reset_batchnorm"]

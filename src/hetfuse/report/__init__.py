@@ -1,1 +1,6 @@
-"""report."""
+"""Figures and tables: depth-alignment matrices, markdown tables (HTML reports come later)."""
+
+from .figures import plot_alignment_matrices
+from .tables import fmt, fmt_ms, markdown_table, mean_std
+
+__all__ = ["fmt", "fmt_ms", "markdown_table", "mean_std", "plot_alignment_matrices"]

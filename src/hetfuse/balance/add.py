@@ -1,0 +1,251 @@
+"""Balancing by adding function-preserving units to the shallower network (CLAFusion §3.2, "add").
+
+* After a layer unit (Linear or Conv2d [+ BatchNorm] + ReLU): an identity layer of the same kind — weight
+  I (a conv: 3×3 kernel with centre tap 1), zero bias where the unit has a bias — then, where the unit has a
+  BatchNorm, an identity BatchNorm, then a ReLU. The unit's output is non-negative, so ReLU(I·x) = x.
+  The identity BatchNorm carries the statistics of its own input on the repair samples, computed as the
+  BN reset computes them (running mean μ, variance v, weight √(v + ε), bias μ): it is the identity in eval
+  mode, and recomputing its statistics on the same data (the BN reset) leaves it one.
+* Before the first unit of a group (alignment a(0) > 0): the same on the group's input; exact when that
+  input is non-negative (not on a network's raw input: a warning says so).
+* In a residual stage: a copy of one of the network's blocks with an identity shortcut whose branch
+  outputs exactly zero (every weight and bias 0, BatchNorms neutral), so the block is the identity on its
+  non-negative input.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import HetfuseError
+from ..graph.groups import Unit, residual_blocks
+from ..graph.rewrite import apply_edit, editable_copy, fresh_prefix, module_spec, node_spec
+from ..graph.spec import INPUT
+from ..registry import register
+from .base import Balancer
+
+__all__ = ["AddUnits", "calibrate_identity_norms", "identity_layer", "identity_norm", "zero_branch"]
+
+
+def identity_layer(template: nn.Module, width: int) -> nn.Module:
+    """A width → width Linear or 3×3 Conv2d (padding 1) that is the identity, shaped after ``template``."""
+    w = template.weight
+    bias = template.bias is not None
+    if isinstance(template, nn.Linear):
+        new = nn.Linear(width, width, bias=bias)
+        with torch.no_grad():
+            new.weight.copy_(torch.eye(width))
+    elif isinstance(template, nn.Conv2d):
+        new = nn.Conv2d(width, width, kernel_size=3, padding=1, bias=bias)
+        with torch.no_grad():
+            new.weight.zero_()
+            idx = torch.arange(width)
+            new.weight[idx, idx, 1, 1] = 1.0
+    else:
+        raise HetfuseError(f"cannot make an identity layer like a {type(template).__name__}")
+    if bias:
+        with torch.no_grad():
+            new.bias.zero_()
+    return new.to(device=w.device, dtype=w.dtype)
+
+
+def identity_norm(template: nn.modules.batchnorm._BatchNorm, width: int) -> nn.Module:
+    """A BatchNorm like ``template`` (``width`` channels) that is the identity in eval mode: running mean 0 and
+    variance 1 − eps, weight 1, bias 0 (see :func:`calibrate_identity_norms` to give it its input's statistics)."""
+    if not template.track_running_stats:
+        raise HetfuseError(f"cannot insert an identity copy of {type(template).__name__} without running "
+                           "statistics (track_running_stats=False normalises with batch statistics)")
+    new = type(template)(width, eps=template.eps, momentum=template.momentum, affine=template.affine,
+                         track_running_stats=True)
+    p = template.running_mean if template.running_mean is not None else template.weight
+    new = new.to(device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        new.running_var.fill_(1.0 - template.eps)
+    return new
+
+
+@torch.no_grad()
+def calibrate_identity_norms(model: nn.Module, norms: list[nn.Module], x: torch.Tensor) -> None:
+    """Give identity BatchNorms the statistics of their own input on ``x`` (running mean μ, variance v) and weight
+    √(v + eps), bias μ: still the identity in eval mode. The statistics are those a BN reset of the whole network
+    on ``x`` would find (every BatchNorm normalising with batch statistics, the identity BatchNorms before it
+    already calibrated), so the reset leaves them identities."""
+    from ..graph.trace import trace
+    from ..repair.bn_reset import reset_batchnorm
+
+    wanted = {id(m) for m in norms if m.affine}
+    if not wanted:
+        return
+    named = dict(model.named_modules())
+    order = [str(n.target) for n in trace(model).graph.nodes
+             if n.op == "call_module" and id(named.get(str(n.target))) in wanted]
+    work = copy.deepcopy(model)
+    for name in order:  # forward order: each sees the ones before it calibrated
+        bn = work.get_submodule(name)
+        reset_batchnorm(work, x, only=[bn], train_all=True)
+        for target in (bn, named[name]):
+            target.running_mean.copy_(bn.running_mean)
+            target.running_var.copy_(bn.running_var)
+            target.weight.copy_((bn.running_var + bn.eps).sqrt())
+            target.bias.copy_(bn.running_mean)
+
+
+def zero_branch(block_modules: dict[str, nn.Module]) -> None:
+    """Make a copied block's residual branch output exactly zero: every Linear/Conv2d weight and bias 0, every
+    BatchNorm neutral (running mean 0, running variance 1, weight 1, bias 0, so BN(0) = 0)."""
+    with torch.no_grad():
+        for m in block_modules.values():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is not None:
+                    m.running_mean.zero_()
+                    m.running_var.fill_(1.0)
+                if m.affine:
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+
+
+@register
+class AddUnits(Balancer):
+    name = "add"
+    description = ("add identity layers (identity BatchNorm with its input's statistics) / zero residual blocks to "
+                   "the shallower networks; exactly function-preserving")
+    reference = "CLAFusion §3.2"
+    direction = "add"
+
+    def balance(self, model, graph, groups, alignment, x, stats_x=None):
+        inserts: list[tuple[Unit, str, int, bool, int]] = []  # (template unit, anchor, count, before first, width)
+        for g, ga in zip(groups, alignment.groups):
+            if ga.deep == ga.shallow:
+                continue
+            if len(g.units) != ga.shallow:
+                raise HetfuseError(f"group {g.name} has {len(g.units)} units but the alignment places {ga.shallow}")
+            a, m, n = ga.alignment, ga.deep, ga.shallow
+            if a[0] > 0:
+                u = g.units[0]
+                if u.kind == "block":
+                    raise HetfuseError(f"group {g.name}: zero blocks cannot go before the stage's first block")
+                inserts.append((u, u.in_node, a[0], True, 0))
+            for j in range(n):
+                gap = (a[j + 1] if j + 1 < n else m) - a[j] - 1
+                if gap > 0:
+                    inserts.append((g.units[j], g.units[j].out_node, gap, False, 0))
+        if not inserts:
+            return model
+        modules = dict(model.named_modules())
+        blocks = {b.block_out.name: b for b in residual_blocks(graph)} if any(u.kind == "block" for u, *_ in inserts) \
+            else {}
+        out = editable_copy(model)
+        norms: list[nn.Module] = []
+        for u, anchor, count, before, _ in inserts:
+            for _ in range(count):
+                if u.kind == "layer":
+                    out = self._insert_layer(out, modules, graph, u, anchor, before, norms)
+                else:
+                    out = self._insert_block(out, graph, groups, u, blocks)
+        if norms:
+            if x is None and stats_x is None:
+                raise HetfuseError("adding identity BatchNorm layers needs samples of the data")
+            calibrate_identity_norms(out, norms, x if stats_x is None else stats_x)
+        return out.train(model.training)
+
+    @staticmethod
+    def _insert_layer(model, modules, graph, u: Unit, anchor: str, before: bool, norms: list) -> nn.Module:
+        producer = modules[u.weight]
+        if before:
+            width = producer.in_features if isinstance(producer, nn.Linear) else producer.in_channels
+            info = next(mi for mi in graph.modules if mi.name == u.weight)
+            if info.in_space == INPUT:
+                warnings.warn("identity layers inserted before the first hidden layer pass the raw input through a "
+                              "ReLU: not function-preserving when inputs can be negative", stacklevel=4)
+        else:
+            if not u.relu:
+                raise HetfuseError(f"unit '{u.name}' is not followed by a ReLU: an identity layer after it would not "
+                                   "preserve the function")
+            width = u.width
+        prefix = fresh_prefix(model)
+        new = {f"{prefix}.layer": identity_layer(producer, width)}
+        nodes = [{"name": "layer", "op": "call_module", "target": f"{prefix}.layer", "args": [{"node": "$in"}]}]
+        templates = [modules[name] for name in u.modules[1:]]
+        if templates:
+            new[f"{prefix}.norm"] = identity_norm(templates[0], width)
+            norms.append(new[f"{prefix}.norm"])
+            nodes.append({"name": "norm", "op": "call_module", "target": f"{prefix}.norm", "args": [{"node": "layer"}]})
+        new[f"{prefix}.relu"] = nn.ReLU()
+        nodes.append({"name": "relu", "op": "call_module", "target": f"{prefix}.relu",
+                      "args": [{"node": nodes[-1]["name"]}]})
+        edit = {"op": "insert", "after": anchor, "nodes": nodes,
+                "modules": {k: module_spec(v) for k, v in new.items()}}
+        return apply_edit(model, edit, new)
+
+    @staticmethod
+    def _insert_block(model, graph, groups, u: Unit, blocks) -> nn.Module:
+        template, resize = _identity_block(graph, groups, u, blocks)
+        modules = dict(graph.gm.named_modules())
+        prefix = fresh_prefix(model)
+        names = {n: f"n{k}" for k, n in enumerate(template.region)}
+        module_names, new = {}, {}
+        by_name = {mi.name: mi for mi in graph.modules}
+        for n in template.region:
+            if n.op == "call_module" and str(n.target) not in module_names:
+                src = str(n.target)
+                local = f"{prefix}.{src.replace('.', '_')}"
+                module_names[src] = local
+                m = copy.deepcopy(modules[src])
+                if resize is not None and src in by_name:
+                    m = _resized(m, by_name[src], resize)
+                new[local] = m
+        zero_branch(new)
+        specs = [node_spec(n, names, template.block_in, module_names) for n in template.region]
+        edit = {"op": "insert", "after": u.out_node, "nodes": specs,
+                "modules": {k: module_spec(v) for k, v in new.items()}}
+        return apply_edit(model, edit, new)
+
+
+def _identity_block(graph, groups, u: Unit, blocks):
+    """A block to copy as a zero block for unit ``u``'s stage: one with an identity shortcut (its addition reads
+    its block input directly), from the same stage if it has one, else from another stage (resized)."""
+    def identity_shortcut(b) -> bool:
+        return any(a is b.block_in for a in b.add.args[:2])
+
+    stage = next(g for g in groups if u in g.units)
+    for unit in stage.units:
+        b = blocks[unit.out_node]
+        if identity_shortcut(b):
+            return b, None
+    for g in groups:
+        for unit in g.units:
+            if unit.kind == "block" and identity_shortcut(blocks[unit.out_node]):
+                return blocks[unit.out_node], (unit.space, u.space, graph.spaces[u.space].size)
+    raise HetfuseError(f"cannot add a zero block to {stage.name}: the network has no residual block with an identity "
+                       "shortcut to copy")
+
+
+def _resized(module: nn.Module, info, resize) -> nn.Module:
+    """A copy of a template block's module resized from the template's stream to the target stream's width."""
+    old_space, _, width = resize
+    spec = module_spec(module)
+    args = spec["args"]
+    if info.kind == "norm":
+        if info.out_space == old_space:
+            args["num_features"] = width
+    else:
+        key_in, key_out = ("in_features", "out_features") if "in_features" in args else ("in_channels", "out_channels")
+        if info.in_space == old_space:
+            args[key_in] = width
+        if info.out_space == old_space:
+            args[key_out] = width
+    from ..graph.rewrite import module_from_spec
+
+    p = next(iter(module.parameters()), None)
+    if p is None:
+        p = next(iter(module.buffers()), None)
+    new = module_from_spec(spec)
+    return new.to(device=p.device, dtype=p.dtype) if p is not None else new

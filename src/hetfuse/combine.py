@@ -1,0 +1,198 @@
+"""Applying a matcher's maps and combining the networks: one procedure for every matcher.
+
+For network i, every parameter is moved into the fused neuron spaces: along an axis that *produces* space
+s through network i's ``out`` map with its columns normalised (each fused neuron gets a convex combination
+of network i's neurons matched to it), along an axis that *consumes* space s through its ``inn`` map. This
+"aligned" network does not depend on the model weights. With weights w, fused neuron k of space s takes
+network i's share β_ik = w_i m_ik / Σ_j w_j m_jk, m_ik the mass network i's ``out`` map puts on k (so with
+target-based matchers β_ik = w_i); a parameter with no producing axis (the output layer) is averaged with
+the weights themselves. ``PreparedFusion.combine`` therefore costs one weighted sum per parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import HetfuseError
+from .graph.correspond import ParamSlot, slot_axes
+from .graph.rewrite import apply_edit, module_spec
+from .graph.spec import INPUT, OUTPUT, NetworkGraph, transform_axis
+from .match.base import MatchResult
+
+
+@dataclass
+class AlignedNetworks:
+    """The networks moved into the fused neuron spaces (weight-independent)."""
+
+    slots: list[ParamSlot]
+    tensors: list[list[torch.Tensor]]      # [network][slot], float64, fused shapes
+    out_space: list[int | None]            # per slot: the space its producing axis is tied to
+    out_axis: list[int | None]
+    masses: list[list[torch.Tensor]]       # [network][space]: column mass of its out map (r,)
+    integer: dict[int, torch.Tensor]       # slot -> the target's tensor, for integer buffers
+
+
+def _normalised_columns(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mass = m.sum(0)
+    return m / torch.where(mass > 0, mass, torch.ones_like(mass))[None, :], mass
+
+
+def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph], slots: list[ParamSlot],
+               result: MatchResult, target: int) -> AlignedNetworks:
+    k = len(states)
+    outs, masses = [], []
+    for i in range(k):
+        row_o, row_m = [], []
+        for sm in result.maps[i]:
+            o, mass = _normalised_columns(sm.out.to(torch.float64))
+            row_o.append(o)
+            row_m.append(mass)
+        outs.append(row_o)
+        masses.append(row_m)
+    tensors: list[list[torch.Tensor]] = [[] for _ in range(k)]
+    out_space: list[int | None] = []
+    out_axis: list[int | None] = []
+    integer: dict[int, torch.Tensor] = {}
+    for si, slot in enumerate(slots):
+        axes_t = slot_axes(graphs[target], slot, target)
+        producing = [(s, ax) for s, ax in axes_t if ax.role == "out"]
+        out_space.append(producing[0][0] if producing else None)
+        out_axis.append(producing[0][1].axis if producing else None)
+        for i in range(k):
+            key = slot.keys[i]
+            if key is None:
+                t = _missing_tensor(graphs[i], slot, states[i])
+            else:
+                t = states[i][key]
+            if not t.is_floating_point():
+                if i == target:
+                    integer[si] = t
+                tensors[i].append(t)
+                continue
+            t = t.to(torch.float64)
+            for s, ax in slot_axes(graphs[i], slot, i):
+                sm = result.maps[i][s]
+                mat = outs[i][s] if ax.role == "out" else sm.inn.to(torch.float64)
+                t = transform_axis(t, ax, mat.to(t.device))
+            tensors[i].append(t)
+    return AlignedNetworks(slots, tensors, out_space, out_axis, masses, integer)
+
+
+def _missing_tensor(graph: NetworkGraph, slot: ParamSlot, state: dict) -> torch.Tensor:
+    """A parameter this network's layer lacks (a bias): zeros of the layer's output size."""
+    info = graph.modules[slot.module]
+    weight = state.get(f"{info.name}.weight")
+    if weight is None or slot.param != "bias":
+        raise HetfuseError(f"layer '{info.name}' lacks '{slot.param}', which another network has")
+    return torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+
+
+def shares(aligned: AlignedNetworks, weights: list[float]) -> list[list[torch.Tensor]]:
+    """β[i][s]: network i's share of every fused neuron of space s (see the module docstring)."""
+    k = len(weights)
+    n_spaces = len(aligned.masses[0])
+    out: list[list[torch.Tensor]] = [[None] * n_spaces for _ in range(k)]  # type: ignore[list-item]
+    for s in range(n_spaces):
+        raw = torch.stack([weights[i] * aligned.masses[i][s] for i in range(k)])
+        total = raw.sum(0)
+        present = torch.stack([(aligned.masses[i][s] > 0).to(torch.float64) for i in range(k)])
+        fallback = present / present.sum(0).clamp_min(1.0)  # no weight on any member: plain average
+        beta = torch.where(total > 0, raw / torch.where(total > 0, total, torch.ones_like(total)), fallback)
+        for i in range(k):
+            out[i][s] = beta[i]
+    return out
+
+
+def combine(aligned: AlignedNetworks, weights: list[float]) -> list[torch.Tensor]:
+    """The fused tensors (float64), one per slot."""
+    beta = shares(aligned, weights)
+    fused = []
+    for si in range(len(aligned.slots)):
+        if si in aligned.integer:
+            fused.append(aligned.integer[si])
+            continue
+        s, axis = aligned.out_space[si], aligned.out_axis[si]
+        total = None
+        for i, w in enumerate(weights):
+            t = aligned.tensors[i][si]
+            if s is None:
+                term = w * t
+            else:
+                b = beta[i][s].to(t.device)
+                shape = [1] * t.dim()
+                shape[axis] = -1
+                term = b.reshape(shape) * t
+            total = term if total is None else total + term
+        fused.append(total)
+    return fused
+
+
+def fused_skeleton(model: nn.Module, graph: NetworkGraph, slots: list[ParamSlot], widths: list[int],
+                   target: int) -> nn.Module:
+    """A copy of the target network with every space at its fused width and a bias wherever any network has
+    one (each change recorded as a ``replace_module`` edit)."""
+    from .graph.rewrite import editable_copy
+
+    needs_change = any(w != sp.size for w, sp in zip(widths, graph.spaces)) or \
+        any(slot.keys[target] is None for slot in slots)
+    out = editable_copy(model) if needs_change else copy.deepcopy(model)
+    if not needs_change:
+        return out
+    modules = dict(out.named_modules())
+    bias_needed = {graph.modules[slot.module].name for slot in slots if slot.keys[target] is None}
+    for info in graph.modules:
+        mod = modules[info.name]
+        spec = module_spec(mod)
+        args = spec["args"]
+        changed = False
+        if info.kind == "norm":
+            if widths[info.out_space] != args["num_features"]:
+                args["num_features"] = widths[info.out_space]
+                changed = True
+        else:
+            key_in, key_out = ("in_features", "out_features") if info.kind == "linear" else ("in_channels",
+                                                                                              "out_channels")
+            if info.in_space not in (INPUT,):
+                old = graph.spaces[info.in_space].size
+                block = args[key_in] // old
+                if widths[info.in_space] * block != args[key_in]:
+                    args[key_in] = widths[info.in_space] * block
+                    changed = True
+            if info.out_space != OUTPUT and widths[info.out_space] != args[key_out]:
+                args[key_out] = widths[info.out_space]
+                changed = True
+            if info.name in bias_needed:
+                args["bias"] = True
+                changed = True
+        if changed:
+            edit = {"op": "replace_module", "target": info.name, "module": spec}
+            p = next(iter(mod.parameters()), None)
+            from .graph.rewrite import module_from_spec
+
+            new = module_from_spec(spec)
+            if p is not None:
+                new = new.to(device=p.device, dtype=p.dtype)
+            out = apply_edit(out, edit, {info.name: new})
+    return out
+
+
+def load_fused(skeleton: nn.Module, slots: list[ParamSlot], target: int, tensors: list[torch.Tensor],
+               graph: NetworkGraph) -> nn.Module:
+    """A copy of ``skeleton`` holding the fused tensors (cast to its dtypes)."""
+    model = copy.deepcopy(skeleton)
+    ref = model.state_dict()
+    state = {}
+    for slot, t in zip(slots, tensors):
+        key = f"{graph.modules[slot.module].name}.{slot.param}"
+        if key not in ref:
+            raise HetfuseError(f"the fused network has no tensor {key}")
+        state[key] = t.to(dtype=ref[key].dtype, device=ref[key].device)
+    missing = set(ref) - set(state)
+    if missing:
+        raise HetfuseError(f"fused tensors missing for {sorted(missing)}")
+    model.load_state_dict(state)
+    return model.eval()

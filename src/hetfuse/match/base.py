@@ -1,0 +1,136 @@
+"""The neuron-matcher stage.
+
+A matcher decides, for every network i and every neuron space s, how network i's neurons enter the fused
+network's neurons: a :class:`SpaceMap` of two ``n_i(s) x r(s)`` matrices, r(s) the fused width.
+
+* ``out`` — the producing side (weight rows, biases, BatchNorm parameters and statistics): how much each of
+  network i's neurons contributes to each fused neuron (non-negative). Per fused neuron, network i's column
+  is normalised to sum 1, and the networks are mixed with shares proportional to weight × column mass, so
+  a fused neuron is a weighted average of the neurons matched to it.
+* ``inn`` — the consuming side (the next layers' input columns, block-aware for a conv map flattened into
+  a Linear): what the next layer must read from the fused neurons to see network i's neurons.
+
+Fusion is then the same for every matcher (:mod:`hetfuse.combine`): every network's parameters are moved
+through its maps and mixed; the output layer (the classes) is averaged with the model weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..graph.activations import SpaceStats, space_statistics
+from ..graph.correspond import ParamSlot
+from ..graph.spec import NetworkGraph, transform_axis
+from ..registry import Method
+
+
+@dataclass
+class SpaceMap:
+    out: torch.Tensor  # n_i x r, producing side (non-negative; columns normalised per network when applied)
+    inn: torch.Tensor  # n_i x r, consuming side
+
+    @classmethod
+    def identity(cls, n: int, device=None) -> "SpaceMap":
+        eye = torch.eye(n, dtype=torch.float64, device=device)
+        return cls(eye, eye.clone())
+
+
+@dataclass
+class MatchResult:
+    """``widths[s]``: the fused width of space s; ``maps[i][s]``: network i's :class:`SpaceMap` for space s;
+    ``info``: JSON-able details (``solvers[i][s]``: how each map was found)."""
+
+    widths: list[int]
+    maps: list[list[SpaceMap]]
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class MatchContext:
+    """What a matcher may use: the (balanced, structurally corresponding) networks, their descriptions, the
+    target's index, the parameter slots, the alignment samples and the statistics of the activations."""
+
+    models: list[nn.Module]
+    graphs: list[NetworkGraph]
+    target: int
+    slots: list[ParamSlot]
+    x: torch.Tensor
+    progress: bool = False
+    seed: int = 0
+    _states: list[dict] | None = field(default=None, repr=False)
+    _stats: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.models)
+
+    @property
+    def n_spaces(self) -> int:
+        return len(self.graphs[0].spaces)
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        """Every network's state as float64 tensors (integer buffers as they are)."""
+        if self._states is None:
+            self._states = [{k: v.detach().to(torch.float64) if v.is_floating_point() else v
+                             for k, v in m.state_dict().items()} for m in self.models]
+        return self._states
+
+    def statistics(self, pairs: Literal["target", "all", "none"] = "target") -> SpaceStats:
+        """Moments of every space's activations on the samples; second moments between every network and the
+        target (``target``) or between all pairs (``all``)."""
+        if pairs not in self._stats:
+            k = self.n_models
+            if pairs == "all":
+                wanted = [(i, j) for i in range(k) for j in range(i, k)]
+            elif pairs == "target":
+                wanted = [(i, self.target) for i in range(k) if i != self.target]
+            else:
+                wanted = []
+            self._stats[pairs] = space_statistics(self.models, self.graphs, self.x, pairs=wanted)
+        return self._stats[pairs]
+
+    def producing_rows(self, i: int, s: int, inn: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Each neuron of network i's space s as one row: the rows of every tensor that produces it (weights,
+        bias, BatchNorm entries) concatenated, their input columns first moved through ``inn`` (space ->
+        consuming-side map) where given."""
+        state = self.states()[i]
+        graph = self.graphs[i]
+        rows = []
+        for m in graph.spaces[s].out_members():
+            t = state[m.name]
+            if inn:
+                for s2, sp in enumerate(graph.spaces):
+                    if s2 in inn and s2 != s:
+                        for other in sp.in_members():
+                            if other.name == m.name:
+                                t = transform_axis(t, other, inn[s2])
+            t = t.movedim(m.axis, 0)
+            rows.append(t.reshape(t.shape[0], -1))
+        return torch.cat(rows, dim=1)
+
+
+def parallel_map(fn, items: list) -> list:
+    """``[fn(x) for x in items]`` on a thread per core (for solvers that release the GIL), in order."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+class NeuronMatcher(Method):
+    """Base class of the neuron-matcher family. ``joint``: the matcher matches all networks together (its
+    fused widths may differ from the target's); else each network is matched onto the target."""
+
+    family = "match"
+    joint: ClassVar[bool] = False
+
+    def match(self, ctx: MatchContext) -> MatchResult:
+        raise NotImplementedError

@@ -1,0 +1,323 @@
+"""The fusion pipeline: the order of the stages, nothing else.
+
+    describe → similarity + depth aligner → balancer → neuron matcher → apply maps and combine → repair
+
+Each stage is a registered method chosen in :class:`~hetfuse.config.FusionConfig` (see ``hetfuse methods``).
+``prepare_fusion`` runs every step that does not depend on the model weights once (alignment, balancing,
+matching, the aligned networks, the parents' statistics); ``PreparedFusion.combine(weights)`` then costs a
+weighted sum and the repair.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .align.base import DepthAlignment, ModelAlignment, GroupAlignment, align_depths
+from .combine import AlignedNetworks, apply_maps, combine, fused_skeleton, load_fused, shares
+from .config import FusionConfig, normalize_weights
+from .errors import DataError, HetfuseError
+from .graph.activations import rows, run_batches
+from .graph.correspond import ParamSlot, param_slots
+from .graph.groups import check_group_pairing, depth_groups
+from .graph.spec import NetworkGraph
+from .graph.trace import describe
+from .match.base import MatchContext, MatchResult
+from .repair.base import RepairContext
+
+
+@dataclass
+class FusionResult:
+    """``model``: the fused network (an ``nn.Module`` in eval mode: a copy of the target's own class where the
+    depth allows, else its balanced graph). ``report``: JSON-able dict with the depth alignments, the solver
+    of every map, timings and notes. ``config``: the validated configuration."""
+
+    model: nn.Module
+    report: dict
+    config: FusionConfig
+
+
+@dataclass
+class PreparedFusion:
+    """Networks aligned into the fused neuron spaces; combine them with any weights."""
+
+    config: FusionConfig
+    target_index: int
+    skeleton: nn.Module
+    graph: NetworkGraph
+    aligned: AlignedNetworks
+    match: MatchResult
+    balanced: list[nn.Module]
+    balanced_graphs: list[NetworkGraph]
+    samples: torch.Tensor
+    repair_samples: torch.Tensor
+    report: dict
+    _stats: list | None = field(default=None, repr=False)
+
+    @property
+    def target_model(self) -> nn.Module:
+        return self.skeleton
+
+    def combine(self, weights: Sequence[float] | None = None, *, repair: str | bool | None = None) -> nn.Module:
+        """The fused network for ``weights`` (``weights[i]`` belongs to model i). ``repair``: a repair method
+        name (``True``/``False`` = ``auto``/``none``), default the configuration's."""
+        w = normalize_weights(weights if weights is not None else self.config.weights, len(self.balanced))
+        model = load_fused(self.skeleton, self.aligned.slots, self.target_index, combine(self.aligned, w), self.graph)
+        method = self._repair_method(repair)
+        if method.name != "none":
+            beta = shares(self.aligned, w)
+
+            def target_stats(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+                stats = self.parent_stats()
+                mean = sum(beta[i][s].to(stats[i][s][0].device) * stats[i][s][0] for i in range(len(w)))
+                std = sum(beta[i][s].to(stats[i][s][1].device) * stats[i][s][1] for i in range(len(w)))
+                return mean, std
+
+            model = method.repair(model, RepairContext(self.graph, self.repair_samples, target_stats))
+        return model.eval()
+
+    def _repair_method(self, repair):
+        if repair is None:
+            return self.config.method("repair")
+        if isinstance(repair, bool):
+            repair = "auto" if repair else "none"
+        from .registry import build
+
+        same = repair == self.config.repair
+        return build("repair", repair, self.config.stage("repair").params if same else None)
+
+    def aligned_model(self, i: int) -> nn.Module:
+        """Model ``i`` moved into the fused structure alone (its own neurons, matched and averaged within itself):
+        the fused network with weight 1 on model ``i`` where every fused neuron has a member of model ``i``."""
+        tensors = [self.aligned.tensors[i][si] for si in range(len(self.aligned.slots))]
+        return load_fused(self.skeleton, self.aligned.slots, self.target_index, tensors, self.graph)
+
+    def parent_stats(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per model, per space: the (mean, std) of every neuron of the model's aligned network
+        (:meth:`aligned_model`) on the repair samples — what REPAIR interpolates. At weight 1 on one model the
+        fused network is that aligned network, so REPAIR then changes nothing."""
+        if self._stats is None:
+            self._stats = [space_moments(self.aligned_model(i), self.graph, self.repair_samples)
+                           for i in range(len(self.balanced))]
+        return self._stats
+
+
+def space_moments(model: nn.Module, graph: NetworkGraph, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per neuron space of ``graph`` (the description of ``model``'s structure), every neuron's (mean, std) over
+    the samples, all read points of a stream together."""
+    acc: list[list] = [[0, 0.0, 0.0] for _ in graph.spaces]
+    node_space: dict[str, list[int]] = {}
+    for s, sp in enumerate(graph.spaces):
+        for node in sp.act_nodes:
+            node_space.setdefault(node, []).append(s)
+
+    def take(_start, vals):
+        for node, v in vals.items():
+            r = rows(v).to(torch.float64)
+            for s in node_space[node]:
+                a = acc[s]
+                a[0] += r.shape[0]
+                a[1] = a[1] + r.sum(0)
+                a[2] = a[2] + (r * r).sum(0)
+
+    run_batches(model, list(node_space), x, take)
+    out = []
+    for cnt, s1, s2 in acc:
+        mean = s1 / cnt
+        out.append((mean, (s2 / cnt - mean * mean).clamp_min(0.0).sqrt()))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def gather_samples(data, n: int, *, seed: int = 0, at_least: int | None = None) -> torch.Tensor:
+    """Up to ``n`` inputs from a tensor (a seeded random subset; the first ``k`` of them for any k are the same
+    whatever ``n``) or from an iterable of batches (the first ``n``, in order; batches may be tensors or
+    ``(inputs, labels)`` pairs). Fewer than ``at_least`` (default ``n``) is a :class:`DataError`."""
+    need = n if at_least is None else at_least
+    if isinstance(data, torch.Tensor):
+        if data.shape[0] < need:
+            raise DataError(f"fewer samples than requested: asked {need}, have {data.shape[0]}")
+        g = torch.Generator().manual_seed(seed)
+        return data[torch.randperm(data.shape[0], generator=g)[:n]]
+    if not isinstance(data, Iterable):
+        raise DataError(f"data must be a tensor or an iterable of batches, got {type(data).__name__}")
+    parts, have = [], 0
+    for batch in data:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if not isinstance(batch, torch.Tensor):
+            raise DataError(f"a data batch must be a tensor or (inputs, labels), got {type(batch).__name__}")
+        parts.append(batch)
+        have += batch.shape[0]
+        if have >= n:
+            break
+    if have < need:
+        raise DataError(f"fewer samples than requested: asked {need}, the data gave {have}")
+    return torch.cat(parts)[:n]
+
+
+def _check_finite(i: int, model: nn.Module) -> None:
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise HetfuseError(f"model {i}: parameter '{name}' contains NaN or Inf")
+
+
+def _fit_inputs(x: torch.Tensor, graph: NetworkGraph) -> torch.Tensor:
+    """The samples in the layout the networks read: images for a network that starts with a convolution,
+    flat feature vectors (flattened if need be) for one that starts with a Linear layer."""
+    first = graph.modules[0]
+    if first.kind == "conv":
+        if x.dim() != 4 or x.shape[1] != graph.input_dim:
+            raise DataError(f"data samples have shape {tuple(x.shape[1:])}; the models expect images with "
+                            f"{graph.input_dim} channels (N x C x H x W)")
+        return x
+    feat = math.prod(x.shape[1:]) if x.dim() > 1 else 0
+    if feat != graph.input_dim:
+        raise DataError(f"data samples have shape {tuple(x.shape[1:])} ({feat} features); the models expect "
+                        f"{graph.input_dim} input features")
+    return x.reshape(x.shape[0], -1) if x.dim() > 2 else x
+
+
+def _progress(iterable, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+# ------------------------------------------------------------------------------------------------- pipeline
+
+
+def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | None = None) -> PreparedFusion:
+    """Every weight-independent step of the fusion (see the module docstring)."""
+    t_start = time.perf_counter()
+    config = config if config is not None else FusionConfig()
+    models = list(models)
+    config.validate(len(models))
+    timings: dict[str, float] = {}
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise HetfuseError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")
+        _check_finite(i, m)
+    graphs = [describe(m) for m in models]
+    if len({g.input_dim for g in graphs}) > 1:
+        raise HetfuseError(f"models take different input sizes: {[g.input_dim for g in graphs]}")
+    if len({g.output_dim for g in graphs}) > 1:
+        raise HetfuseError(f"models give different output sizes: {[g.output_dim for g in graphs]}")
+    kinds = {g.modules[0].kind for g in graphs}
+    if len(kinds) > 1:
+        raise HetfuseError("cannot fuse networks that start with a convolution with networks that start with a "
+                           "Linear layer")
+    n_repair = max(config.samples, config.repair_samples)
+    pool = gather_samples(data, n_repair, seed=config.seed, at_least=config.samples)
+    pool = _fit_inputs(pool, graphs[0])
+    first = next(iter(models[0].parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    pool = pool.to(device=device, dtype=torch.float32)
+    x, x_repair = pool[:config.samples], pool[:config.repair_samples]
+    models = [copy.deepcopy(m).to(device).eval() for m in models]
+    try:
+        graphs = [describe(m, example=x[:2]) for m in models]
+    except RuntimeError as exc:
+        raise DataError(f"data samples of shape {tuple(x.shape[1:])} do not fit the models: {exc}") from exc
+    depths = [g.depth for g in graphs]
+    widths_in = [g.widths for g in graphs]
+    target = config.target if config.target is not None else min(range(len(models)), key=lambda i: depths[i])
+
+    # 1) depth alignment and 2) balancing
+    t0 = time.perf_counter()
+    groups = [depth_groups(g) for g in graphs]
+    counts = [[len(gr.units) for gr in gs] for gs in groups]
+    balancer = config.method("balance")
+    if any(c != counts[0] for c in counts):
+        check_group_pairing(groups)
+        depth = align_depths(models, graphs, groups, x, aligner=config.method("depth_align"),
+                             similarity=config.method("similarity"), direction=balancer.direction, target=target)
+        for ma in _progress(depth.models, "balance", config.progress):
+            if ma.changed:
+                i = ma.model
+                models[i] = balancer.balance(models[i], graphs[i], groups[i], ma, x, x_repair).to(device).eval()
+                graphs[i] = describe(models[i], example=x[:2])
+    else:
+        depth = DepthAlignment([ModelAlignment(i, "kept", [GroupAlignment(gr.name, gr.kind, len(gr.units),
+                                                                         len(gr.units), i,
+                                                                         list(range(len(gr.units))))
+                                                           for gr in gs]) for i, gs in enumerate(groups)])
+    timings["depth_s"] = time.perf_counter() - t0
+
+    # 3) neuron matching
+    t0 = time.perf_counter()
+    slots: list[ParamSlot] = param_slots(graphs)
+    ctx = MatchContext(models, graphs, target, slots, x, progress=config.progress, seed=config.seed)
+    result = config.method("match").match(ctx)
+    timings["match_s"] = time.perf_counter() - t0
+
+    # 4) apply the maps (weight-independent part of the combination)
+    t0 = time.perf_counter()
+    aligned = apply_maps(ctx.states(), graphs, slots, result, target)
+    skeleton = fused_skeleton(models[target], graphs[target], slots, result.widths, target)
+    skeleton_graph = describe(skeleton, example=x[:2])
+    timings["apply_maps_s"] = time.perf_counter() - t0
+    timings["prepare_total_s"] = time.perf_counter() - t_start
+
+    report = {
+        "n_models": len(models),
+        "target": target,
+        "methods": {s: st.method for s, st in config.stages.items()},
+        "depths_in": depths,
+        "widths_in": widths_in,
+        "balanced_widths": [g.widths for g in graphs],
+        "fused_widths": list(result.widths),
+        "mappings": depth.to_list(),
+        "solvers": result.info.get("solvers"),
+        "match_info": {k: v for k, v in result.info.items() if k != "solvers"},
+        "samples": int(x.shape[0]),
+        "repair_samples": int(x_repair.shape[0]),
+        "timings": timings,
+        "notes": list(depth.notes),
+        "config": config.to_dict(),
+    }
+    return PreparedFusion(config=config, target_index=target, skeleton=skeleton, graph=skeleton_graph,
+                          aligned=aligned, match=result, balanced=models, balanced_graphs=graphs, samples=x,
+                          repair_samples=x_repair, report=report)
+
+
+def fuse(models: Sequence[nn.Module], data, *, weights: Sequence[float] | None = None, target: int | None = None,
+         representation: str | None = None, balance: str | None = None, match: str | None = None,
+         samples: int = 400, repair: str | bool | None = None, seed: int = 0, config: FusionConfig | None = None,
+         **options) -> FusionResult:
+    """Fuse ``models`` (``nn.Module``s of any depths and widths) into one network.
+
+    ``data``: a tensor of inputs or an iterable of batches (tensors or ``(inputs, labels)``), from which
+    ``samples`` inputs are drawn for activations and alignment and ``repair_samples`` (default 2000, capped by
+    the data) for the repair. ``weights[i]`` is the weight of ``models[i]`` (uniform when None). ``target``:
+    whose widths and neuron order the fused network takes (default: the shallowest). The stages:
+    ``representation`` (alias ``similarity``), ``depth_align``, ``balance``, ``match``, ``repair`` (a method name;
+    ``True``/``False`` = ``"auto"``/``"none"``); every other keyword is a parameter of a chosen method (e.g.
+    ``solver``, ``reg``, ``fix_first``, ``merge_sign``) or a run option (``repair_samples``, ``progress``). Or pass
+    ``config`` (a :class:`FusionConfig`), which then replaces all of them.
+    """
+    if config is None:
+        config = FusionConfig(weights=list(weights) if weights is not None else None, target=target,
+                              representation=representation, balance=balance, match=match, samples=samples,
+                              repair=repair, seed=seed, **options)
+    t0 = time.perf_counter()
+    prepared = prepare_fusion(models, data, config)
+    t1 = time.perf_counter()
+    model = prepared.combine()
+    report = dict(prepared.report)
+    report["timings"] = dict(report["timings"], combine_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
+    report["weights"] = prepared.config.weights
+    return FusionResult(model=model, report=report, config=prepared.config)
+
+
+__all__ = ["FusionResult", "PreparedFusion", "fuse", "gather_samples", "prepare_fusion"]
