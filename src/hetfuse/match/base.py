@@ -94,20 +94,25 @@ class MatchContext:
         return self._stats[pairs]
 
     def producing_rows(self, i: int, s: int, inn: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """Each neuron of network i's space s as one row: the rows of every tensor that produces it (weights,
-        bias, BatchNorm entries) concatenated, their input columns first moved through ``inn`` (space ->
-        consuming-side map) where given."""
+        """Each neuron of network i's space s as one row: the rows of the tensors that produce it (weights, bias,
+        BatchNorm entries) concatenated, their input columns first moved through ``inn`` (space -> consuming-side
+        map). Only tensors whose inputs come from earlier spaces (or the network's input) take part: a residual
+        stream is also produced by layers that read later spaces, not aligned yet when the stream is."""
         state = self.states()[i]
         graph = self.graphs[i]
+        inputs: dict[str, list[tuple[int, object]]] = {}
+        for s2, sp in enumerate(graph.spaces):
+            for other in sp.in_members():
+                inputs.setdefault(other.name, []).append((s2, other))
         rows = []
         for m in graph.spaces[s].out_members():
+            tied = inputs.get(m.name, [])
+            if any(s2 >= s for s2, _ in tied):
+                continue
             t = state[m.name]
-            if inn:
-                for s2, sp in enumerate(graph.spaces):
-                    if s2 in inn and s2 != s:
-                        for other in sp.in_members():
-                            if other.name == m.name:
-                                t = transform_axis(t, other, inn[s2])
+            for s2, other in tied:
+                if inn and s2 in inn:
+                    t = transform_axis(t, other, inn[s2])
             t = t.movedim(m.axis, 0)
             rows.append(t.reshape(t.shape[0], -1))
         return torch.cat(rows, dim=1)
@@ -127,10 +132,13 @@ def parallel_map(fn, items: list) -> list:
 
 class NeuronMatcher(Method):
     """Base class of the neuron-matcher family. ``joint``: the matcher matches all networks together (its
-    fused widths may differ from the target's); else each network is matched onto the target."""
+    fused widths may differ from the target's); else each network is matched onto the target.
+    ``recovers_permutations``: False for a matcher that does not look at the neurons (vanilla averaging); the
+    conformance suite then fuses identical copies instead of permuted ones."""
 
     family = "match"
     joint: ClassVar[bool] = False
+    recovers_permutations: ClassVar[bool] = True  # a network and a permuted copy of it fuse back into the network
 
     def match(self, ctx: MatchContext) -> MatchResult:
         raise NotImplementedError

@@ -12,6 +12,7 @@ class Vanilla(NeuronMatcher):
     name = "none"
     description = "vanilla averaging: every neuron with the neuron of the same index (equal widths only)"
     reference = "weight averaging (e.g. Wortsman et al. 2022)"
+    recovers_permutations = False
 
     def match(self, ctx: MatchContext) -> MatchResult:
         widths = [sp.size for sp in ctx.graphs[ctx.target].spaces]

@@ -1,0 +1,177 @@
+"""Networks written the way users write them (defined only in the tests), and a catalogue of model kinds for
+the conformance suite."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetfuse.models import MLP, build_model
+from hetfuse.repair import reset_batchnorm
+
+
+class UserVGG(nn.Module):
+    """The CIFAR VGG most people copy: a ``features`` Sequential (conv/BN/ReLU/max-pool) and a ``classifier``."""
+
+    def __init__(self, cfg=(8, "M", 16, "M"), num_classes=10, bn=True):
+        super().__init__()
+        layers, c = [], 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1)] + ([nn.BatchNorm2d(v)] if bn else []) + [nn.ReLU(True)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c * 8 * 8, num_classes)
+
+    def forward(self, x):
+        out = self.features(x)
+        out = out.view(out.size(0), -1)
+        return self.classifier(out)
+
+
+class ShortcutBlock(nn.Module):
+    """A BasicBlock that adds its shortcut in place (``out += self.shortcut(x)``)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class UserResNet(nn.Module):
+    """A CIFAR ResNet with ``F.avg_pool2d`` and in-place shortcut additions."""
+
+    def __init__(self, blocks=(1, 2), width=8, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(*[ShortcutBlock(width, width) for _ in range(blocks[0])])
+        self.layer2 = nn.Sequential(ShortcutBlock(width, 2 * width, 2),
+                                    *[ShortcutBlock(2 * width, 2 * width) for _ in range(blocks[1] - 1)])
+        self.linear = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer2(self.layer1(out))
+        out = F.avg_pool2d(out, out.size(3))
+        return self.linear(out.view(out.size(0), -1))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, mid, cout, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class BottleneckResNet(nn.Module):
+    def __init__(self, blocks=(1, 2), width=8, num_classes=10):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(Bottleneck(width, width, 4 * width),
+                                    *[Bottleneck(4 * width, width, 4 * width) for _ in range(blocks[0] - 1)])
+        self.layer2 = nn.Sequential(Bottleneck(4 * width, 2 * width, 8 * width, 2),
+                                    *[Bottleneck(8 * width, 2 * width, 8 * width) for _ in range(blocks[1] - 1)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ResidualMLP(nn.Module):
+    """A fully connected network with a residual stream: x -> stem -> (x + f(x)) blocks -> head."""
+
+    def __init__(self, d_in=12, width=10, blocks=2, hidden=7, d_out=4):
+        super().__init__()
+        self.stem = nn.Linear(d_in, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
+                                    for _ in range(blocks))
+        self.head = nn.Linear(width, d_out)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for blk in self.blocks:
+            h = torch.relu(h + blk(h))
+        return self.head(h)
+
+
+def bn1d_mlp(widths=(10, 8), d_in=12, d_out=4):
+    layers, c = [], d_in
+    for w in widths:
+        layers += [nn.Linear(c, w), nn.BatchNorm1d(w), nn.ReLU()]
+        c = w
+    return nn.Sequential(*layers, nn.Linear(c, d_out))
+
+
+def randomize_norms(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def _flat_inputs(n, seed, d=12):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _images(n, seed):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# kind -> (builder(seed), inputs(n, seed))
+KINDS = {
+    "mlp": (lambda s: MLP(12, [10, 8], 4, bias=True), _flat_inputs),
+    "mlp-nobias": (lambda s: MLP(12, [10, 8], 4, bias=False), _flat_inputs),
+    "mlp-bn1d": (lambda s: bn1d_mlp(), _flat_inputs),
+    "fc-residual": (lambda s: ResidualMLP(), _flat_inputs),
+    "vgg-bn": (lambda s: build_model("vgg11:w=0.125,bn", input_dim=3, output_dim=10, input_shape=(3, 32, 32)),
+               _images),
+    "resnet-projection": (lambda s: UserResNet(), _images),
+    "resnet-bottleneck": (lambda s: BottleneckResNet(), _images),
+}
+
+
+def make(kind, seed=0, data=None):
+    """A model of ``kind`` with random weights; its BatchNorm statistics are those of ``data`` (as a trained
+    network's are), so a BN reset on the same data leaves it unchanged."""
+    builder, _ = KINDS[kind]
+    torch.manual_seed(seed)
+    model = randomize_norms(builder(seed), seed)
+    if data is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        reset_batchnorm(model, data)
+    return model.eval()
+
+
+def inputs(kind, n, seed):
+    return KINDS[kind][1](n, seed)
