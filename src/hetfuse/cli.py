@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .errors import HetfuseError
 
-EXIT_USAGE = 2
 
 
 def _add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:

@@ -227,6 +227,8 @@ class FusionConfig:
         for key, stage in _LEGACY_PARAMS.items():
             if key not in d:
                 continue
+            if key == "reg" and d.get("solver", "exact") != "sinkhorn":
+                continue  # version 1 stored reg always; it only acted with the sinkhorn solver
             method = chosen.get(stage, DEFAULT_METHODS[stage])
             if key in {p.name for p in param_infos(get_method(stage, method))}:
                 stages.setdefault(stage, {"method": method, "params": {}})["params"][key] = d[key]

@@ -60,10 +60,6 @@ class PreparedFusion:
     report: dict
     _stats: list | None = field(default=None, repr=False)
 
-    @property
-    def target_model(self) -> nn.Module:
-        return self.skeleton
-
     def combine(self, weights: Sequence[float] | None = None, *, repair: str | bool | None = None) -> nn.Module:
         """The fused network for ``weights`` (``weights[i]`` belongs to model i). ``repair``: a repair method
         name (``True``/``False`` = ``auto``/``none``), default the configuration's."""

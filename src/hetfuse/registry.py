@@ -27,7 +27,7 @@ from .errors import HetfuseError
 
 # stage -> (package holding its methods, human name); in pipeline order
 FAMILIES: dict[str, tuple[str, str]] = {
-    "similarity": ("hetfuse.similarity", "layer similarity / cost for depth alignment"),
+    "similarity": ("hetfuse.similarity", "similarity"),
     "depth_align": ("hetfuse.align", "depth aligner"),
     "balance": ("hetfuse.balance", "depth balancer"),
     "match": ("hetfuse.match", "neuron matcher"),

@@ -20,7 +20,6 @@ Outputs under ``out_dir``: ``results.csv`` (one row per seed × balance × repai
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,11 +41,6 @@ BALANCES = ("add", "merge")
 
 HIDDEN_A = (400, 200, 100)
 HIDDEN_B = (400, 200, 100, 50)
-
-# Training hyper-parameters of the paper (Appendix B, Table 5: MLP).
-TRAIN_LR = 0.01
-TRAIN_MOMENTUM = 0.5
-TRAIN_BATCH = 64
 
 # CLAFusion Table 8, "Avg" rows (5 seeds), wB = 0.0 ... 1.0.
 PAPER_TABLE8 = {
@@ -218,7 +212,7 @@ def _summary(rows, seeds, epochs, samples, wb_grid, ds_name, timings, hidden_a, 
     for label, wb, txt in best_lines:
         lines.append(f"- {label}: {txt} at wB = {wb:.1f}")
     lines.append(f"- ensemble: {ens_cells[k]} at wB = {wb_grid[k]:.1f}")
-    lines.append(f"- paper: add 91.31 at wB = 0.1, merge 91.57 at wB = 0.1 (parents 90.76 / 87.58)")
+    lines.append("- paper: add 91.31 at wB = 0.1, merge 91.57 at wB = 0.1 (parents 90.76 / 87.58)")
     lines.append("")
     lines.append("Per seed, fused minus model A at each row's best wB: " + "; ".join(
         f"{b}/{'on' if rp else 'off'}: " + ", ".join(
@@ -243,38 +237,20 @@ def _best_wb(rows, balance, repair, wb_grid):
 
 
 def _figure(rows, wb_grid, path: Path) -> None:
-    import matplotlib
+    """Fig. 4: fused accuracy against wB for both balancing methods, with and without repair."""
+    from ..report.figures import plot_weight_sweep
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    acc_a = mean_std(_per_seed(rows, "acc_a"))[0]
-    acc_b = mean_std(_per_seed(rows, "acc_b"))[0]
-    ens = [mean_std(_per_seed(rows, "acc_ensemble", wb=wb))[0] for wb in wb_grid]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, balance in zip(axes, BALANCES):
-        for repair, color in ((False, "tab:blue"), (True, "tab:green")):
-            ms = [mean_std([r["acc_fused"] for r in _select(rows, balance=balance, repair=repair, wb=wb)])
-                  for wb in wb_grid]
-            m = [a for a, _ in ms]
-            s = [b for _, b in ms]
-            ax.plot(wb_grid, m, "o-", color=color, label=f"fused, repair {'on' if repair else 'off'}")
-            ax.fill_between(wb_grid, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color,
-                            alpha=0.15)
-        ax.plot(wb_grid, ens, "s-", color="tab:purple", label="ensemble")
-        if len(wb_grid) == len(WB_GRID):
-            ax.plot(WB_GRID, PAPER_TABLE8[balance], "--", color="gray", label="paper (Table 8 avg)")
-        ax.axhline(acc_a, color="tab:red", lw=1, ls=":", label=f"model A ({acc_a:.2f})")
-        ax.axhline(acc_b, color="tab:orange", lw=1, ls=":", label=f"model B ({acc_b:.2f})")
-        ax.set_title(f"{'adding layers' if balance == 'add' else 'merging layers'}")
-        ax.set_xlabel("weight of model B (wB)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[1].legend(fontsize=8, loc="lower left")
     n_seeds = len({r["seed"] for r in rows})
-    fig.suptitle(f"Skill transfer: CLAFusion of A (specialist) and B (generalist), mean of {n_seeds} seed(s)")
-    fig.tight_layout()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fig.savefig(path, dpi=120)
-    plt.close(fig)
+    panels = {}
+    for balance in BALANCES:
+        curves = {}
+        for repair in (False, True):
+            curves[f"fused, repair {'on' if repair else 'off'}"] = [
+                mean_std([r["acc_fused"] for r in _select(rows, balance=balance, repair=repair, wb=wb)]) for wb in wb_grid]
+        curves["ensemble"] = [mean_std(_per_seed(rows, "acc_ensemble", wb=wb)) for wb in wb_grid]
+        if len(wb_grid) == len(WB_GRID):
+            curves["paper (Table 8 avg)"] = [(v, 0.0) for v in PAPER_TABLE8[balance]]
+        panels["adding layers" if balance == "add" else "merging layers"] = curves
+    lines = {"model A": mean_std(_per_seed(rows, "acc_a"))[0], "model B": mean_std(_per_seed(rows, "acc_b"))[0]}
+    plot_weight_sweep(wb_grid, panels, lines, path, xlabel="weight of model B (wB)",
+                      title=f"Skill transfer: CLAFusion of A (specialist) and B (generalist), mean of {n_seeds} seed(s)")

@@ -244,10 +244,6 @@ def _branch_layer(block: Block, graph: NetworkGraph, by_module: dict, nodes: dic
     return branch[-1].name if branch else None
 
 
-def unit_counts(groups: list[Group]) -> list[int]:
-    return [len(g.units) for g in groups]
-
-
 def check_group_pairing(groups: list[list[Group]]) -> None:
     """Depth alignment pairs groups one to one: every network needs the same sequence of group kinds."""
     kinds = [[g.kind for g in gs] for gs in groups]

@@ -106,10 +106,6 @@ class NetworkGraph:
         return [s.size for s in self.spaces]
 
 
-def _move(t: torch.Tensor, axis: int) -> torch.Tensor:
-    return t.movedim(axis, 0)
-
-
 def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) -> torch.Tensor:
     """Apply a neuron-space map to one tied axis.
 

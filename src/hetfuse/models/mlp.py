@@ -60,19 +60,5 @@ class MLP(nn.Module):
             raise ValueError(f"not an MLP architecture: {arch!r}")
         return cls(arch["input_dim"], arch["hidden"], arch["output_dim"], bias=arch.get("bias", True))
 
-    @classmethod
-    def from_weights(cls, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> "MLP":
-        """Build an MLP whose i-th Linear has ``weights[i]`` (out x in) and ``biases[i]`` (or no bias)."""
-        if len(weights) != len(biases) or not weights:
-            raise ValueError("need one bias entry (tensor or None) per weight, and at least one weight")
-        hidden = [w.shape[0] for w in weights[:-1]]
-        model = cls(weights[0].shape[1], hidden, weights[-1].shape[0], bias=[b is not None for b in biases])
-        with torch.no_grad():
-            for lin, w, b in zip(model.linears(), weights, biases):
-                lin.weight.copy_(w)
-                if b is not None:
-                    lin.bias.copy_(b)
-        return model
-
     def extra_repr(self) -> str:
         return f"arch={self.arch()}"

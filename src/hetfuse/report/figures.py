@@ -64,3 +64,37 @@ def plot_matrix(matrix, alignments: dict[str, list[int]], path: str | Path, *, t
         warnings.simplefilter("ignore")
         fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_weight_sweep(weights, panels: dict[str, dict[str, list[tuple[float, float]]]], lines: dict[str, float],
+                      path: str | Path, *, xlabel: str = "weight of the second model",
+                      ylabel: str = "test accuracy (%)", title: str = "") -> None:
+    """Accuracy against the fusion weight: one panel per entry of ``panels`` (title -> {curve label -> [(mean,
+    std) per weight]}), a band of ± std around each curve, and horizontal ``lines`` (label -> value)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
+    styles = ["o-", "o-", "s-", "--", "^-", "v-"]
+    colors = ["tab:blue", "tab:green", "tab:purple", "gray", "tab:brown", "tab:pink"]
+    for ax, (name, curves) in zip(axes[0], panels.items()):
+        for k, (label, points) in enumerate(curves.items()):
+            m = [p[0] for p in points]
+            s = [p[1] for p in points]
+            ax.plot(weights, m, styles[k % 6], color=colors[k % 6], label=label)
+            if any(v > 0 for v in s):
+                ax.fill_between(weights, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
+                                color=colors[k % 6], alpha=0.15)
+        for k, (label, value) in enumerate(lines.items()):
+            ax.axhline(value, color=["tab:red", "tab:orange", "tab:olive"][k % 3], lw=1, ls=":",
+                       label=f"{label} ({value:.2f})")
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
