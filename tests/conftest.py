@@ -17,11 +17,28 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def real_root(dataset: str) -> Path | None:
+    """The one rule of the tests for real data: they read it from ``$HETFUSE_DATA`` and are skipped when that is
+    unset or has no ``<dataset>/`` folder (CI sets it; see the README)."""
+    env = os.environ.get("HETFUSE_DATA")
+    if not env or not (Path(env) / dataset).is_dir():
+        return None
+    return Path(env)
+
+
 @pytest.fixture
 def data_root():
-    """Root with the real data sets: $HETFUSE_DATA, else ../shared/data beside the checkout; skip if absent."""
-    env = os.environ.get("HETFUSE_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not (root / "mnist").is_dir():
-        pytest.skip("real MNIST not available (set HETFUSE_DATA)")
+    """The data root holding real MNIST, or skip (see :func:`real_root`)."""
+    root = real_root("mnist")
+    if root is None:
+        pytest.skip("real MNIST not available (set HETFUSE_DATA to a folder holding mnist/)")
+    return root
+
+
+@pytest.fixture
+def cifar_root():
+    """The data root holding real CIFAR-10, or skip (see :func:`real_root`)."""
+    root = real_root("cifar10")
+    if root is None:
+        pytest.skip("real CIFAR-10 not available (set HETFUSE_DATA to a folder holding cifar10/)")
     return root

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import HetfuseError
@@ -16,11 +14,13 @@ from .errors import HetfuseError
 def _add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
     if dataset:
         p.add_argument("--dataset", default="mnist",
-                       help="mnist (reads <root>/mnist/), idx:PATH (a folder with the four IDX files) or digits "
+                       help="mnist (default; reads <root>/mnist/), cifar10 (<root>/cifar10/), cifar100 "
+                            "(<root>/cifar100/), idx:PATH (a folder with the four IDX files) or digits "
                             "(scikit-learn's bundled 8x8 digits, no files needed)")
         p.add_argument("--data-root", default=None,
                        help="folder holding the data sets (default: $HETFUSE_DATA)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="with an error, also print its details")
 
 
 _RESERVED = {"weights", "target", "samples", "repair_samples", "seed", "progress", "mapping"}
@@ -342,11 +342,12 @@ def cmd_fuse(a) -> int:
 
         report["figures"] = plot_alignment_matrices(report, report_dir)
         _atomic_write(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    from .report.tables import describe_alignment
+
     widths = ",".join(str(w) for w in result.report["fused_widths"])
-    maps = "; ".join(f"model {m['model']}: {[i + 1 for i in m['alignment']]}"
-                     for m in result.report["mappings"] if m["changed"])
+    maps = "; ".join(describe_alignment(m) for m in result.report["mappings"] if m["changed"])
     print(f"{out}: fused {len(models)} models (weights {config.weights}) into hidden widths {widths}"
-          + (f"; depth alignment (units, 1-based) {maps}" if maps else ""))
+          + (f"; depth alignment, shallow unit → deep unit (1-based): {maps}" if maps else ""))
     return 0
 
 
@@ -368,11 +369,9 @@ def cmd_methods(a) -> int:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from .io.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def cmd_eval(a) -> int:
@@ -380,6 +379,8 @@ def cmd_eval(a) -> int:
     from .data import load_dataset
     from .train import accuracy, ensemble_accuracy
 
+    if a.weights is not None and not a.ensemble:
+        raise HetfuseError("--weights sets the ensemble's weights: pass --ensemble with it")
     models, _ = _load_models(a.models, a.allow_pickle)
     ds = load_dataset(a.dataset, a.data_root)
     _check_dims(models, ds, a.models)
@@ -450,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except HetfuseError as exc:
         print(f"hetfuse {args.command}: error: {exc}", file=sys.stderr)
+        details = getattr(exc, "details", None)
+        if details and getattr(args, "verbose", False):
+            print(details, file=sys.stderr)
+        elif details:
+            print("(--verbose for details)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -50,7 +50,8 @@ def run_demo(*, seed: int = 0, epochs: int = 40, progress: bool = True) -> str:
         "hetfuse demo: skill transfer on scikit-learn's 8x8 digits (1397 train / 400 test images)",
         f"  model A  64-48-32-10     (digit 4 + 10% of the rest): {acc_a:6.2f}%",
         f"  model B  64-64-48-32-10  (the rest):                  {acc_b:6.2f}%",
-        f"  CLA mapping of A's hidden layers into B's (neurons representation): {mapping}",
+        f"  CLA mapping of A's hidden layers into B's, shallow → deep (1-based, neurons representation): "
+        f"{', '.join(f'{j + 1}→{v}' for j, v in enumerate(mapping))}",
         "",
         f"  {'balance':<8}{'wB':>5}{'fused':>9}{'+repair':>9}{'ensemble':>10}",
     ]

@@ -2,7 +2,12 @@
 
 
 class HetfuseError(ValueError):
-    """Bad input or an unsupported model: the message says what and where."""
+    """Bad input or an unsupported model: the message (one line) says what and where; ``details`` (optional,
+    several lines) says more, e.g. every path that was looked at (the CLI prints it with ``--verbose``)."""
+
+    def __init__(self, message: str = "", *, details: str | None = None) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class UnsupportedModelError(HetfuseError):

@@ -30,6 +30,7 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import tarfile
 import tempfile
 import warnings
@@ -115,6 +116,9 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # the permissions a new file gets, not mkstemp's 0600
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
@@ -302,14 +306,24 @@ def _normalise(x: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
     return t
 
 
+def _announce(name: str, kind: str, files: list[Path], cache_path: Path | None) -> None:
+    """Say what a long first decode does before it starts (about 15 s for the CIFAR-10 JPEG tarball)."""
+    src = files[0].parent if len(files) > 1 else files[0]
+    where = f"; cached in {cache_path} for next time" if cache_path is not None else ""
+    slow = " (JPEG, about 15 s)" if kind in ("jpegtar", "tree") else ""
+    print(f"hetfuse: decoding {name} from {src} once{slow}{where}", file=sys.stderr, flush=True)
+
+
 def _cached(kind: str, name: str, files: list[Path], decode, cache_dir: Path | None) -> dict[str, np.ndarray]:
     if cache_dir is None:
+        _announce(name, kind, files, None)
         arrays = decode()
         _check_arrays(arrays, name)
         return arrays
     cache_path = Path(cache_dir) / f"{name}-{kind}-{_fingerprint(kind, files)}.npz"
     arrays = _read_cache(cache_path)
     if arrays is None:
+        _announce(name, kind, files, cache_path)
         arrays = decode()
         _check_arrays(arrays, name)
         _write_cache(cache_path, arrays)
@@ -366,8 +380,10 @@ def cifar_uint8(name: str, root: str | os.PathLike, *, cache_dir: str | os.PathL
         what = "CIFAR-100"
     else:
         raise DataError(f"unknown CIFAR data set {name!r}; known: cifar10, cifar100")
-    listing = "\n  ".join(str(p) for p in tried)
-    raise DataError(f"data set {low!r}: no {what} files found under {root}; looked at:\n  {listing}")
+    layout = ("cifar10/cifar-10-batches-py/, cifar10/train/ + cifar10/test/ class folders, or "
+              "cifar10/cifar10-jpeg.tar.gz" if low == "cifar10" else "cifar100/cifar-100-python/{train,test}")
+    raise DataError(f"data set {low!r}: no {what} files under {root} (expected {layout})",
+                    details="looked at:\n  " + "\n  ".join(str(p) for p in tried))
 
 
 def load_cifar(name: str, root: str | os.PathLike, *,

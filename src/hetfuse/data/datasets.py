@@ -109,10 +109,10 @@ def _load_idx_folder(folder: Path, name: str) -> Dataset:
     found = {key: _find_idx(folder, stem, tried) for key, stem in IDX_FILES.items()}
     missing = [k for k, p in found.items() if p is None]
     if missing:
-        listing = "\n  ".join(str(p) for p in tried)
-        raise DataError(
-            f"data set {name!r}: missing IDX file(s) for {', '.join(missing)} in {folder}; looked at:\n  {listing}"
-        )
+        raise DataError(f"data set {name!r}: missing IDX file(s) for {', '.join(missing)} in {folder} (expected the "
+                        "four files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                        "t10k-labels-idx1-ubyte, each optionally .gz)",
+                        details="looked at:\n  " + "\n  ".join(str(p) for p in tried))
     arrays = {k: read_idx(p) for k, p in found.items()}
     for split in ("train", "test"):
         xs, ys = arrays[f"x_{split}"], arrays[f"y_{split}"]

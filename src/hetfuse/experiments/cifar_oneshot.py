@@ -82,8 +82,9 @@ def run_cifar_oneshot(*, data_root=None, setup: str = "resnet", out_dir, epochs:
 
 
 def _summary(path: Path, setup, spec_a, spec_b, rows, report, epochs, samples, ds, cmd) -> None:
-    maps = "; ".join(f"model {m['model']} → model {m['reference'][0]}: {m['alignment']}" for m in report["mappings"]
-                     if m["changed"]) or "equal depth"
+    from ..report.tables import describe_alignment
+
+    maps = "; ".join(describe_alignment(m) for m in report["mappings"] if m["changed"]) or "equal depth"
     secs = report["training"]
     took = ", ".join(f"{k}: {v['train_seconds']:.0f} s" for k, v in secs.items() if v.get("train_seconds"))
     lines = [
@@ -94,7 +95,8 @@ def _summary(path: Path, setup, spec_a, spec_b, rows, report, epochs, samples, d
         f"Fusion: CLA on 1 − linear CKA of {samples} training images, `add` balancing, OT on activations, "
         "target = the shallower model's widths; repair = BatchNorm statistics recomputed on the same samples. "
         f"Data: {ds.note or ds.name}.", "",
-        f"CLA mapping (units, 0-based): {maps}; fused hidden widths {report['fused_widths']}.", "",
+        f"CLA mapping, shallow unit → deep unit (1-based): {maps}; fused hidden widths {report['fused_widths']}.",
+        "",
         f"Command: `{cmd}`", "",
         "| wB | A | B | ensemble | vanilla avg | vanilla + repair | fused one-shot | fused + repair |",
         "|---|---|---|---|---|---|---|---|",

@@ -34,3 +34,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def format_alignment(alignment) -> str:
+    """A 0-based alignment (deep position of each shallow unit) as ``1→1, 2→3, 3→4``: shallow unit → deep unit,
+    both 1-based."""
+    return ", ".join(f"{j + 1}→{int(a) + 1}" for j, a in enumerate(alignment))
+
+
+def describe_alignment(mapping: dict) -> str:
+    """One model's entry of ``report["mappings"]`` in words, the arrow always shallow → deep (1-based)."""
+    ref = ", ".join(f"model {r}" for r in mapping["reference"]) or "itself"
+    if mapping["role"] == "deep":  # merge: the reference's units are placed among this model's
+        return f"{ref} → model {mapping['model']}: {format_alignment(mapping['alignment'])}"
+    return f"model {mapping['model']} → {ref}: {format_alignment(mapping['alignment'])}"
