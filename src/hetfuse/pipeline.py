@@ -66,6 +66,8 @@ class PreparedFusion:
         w = normalize_weights(weights if weights is not None else self.config.weights, len(self.balanced))
         model = load_fused(self.skeleton, self.aligned.slots, self.target_index, combine(self.aligned, w), self.graph)
         method = self._repair_method(repair)
+        if self.match.info.get("zip_until"):
+            return self._multihead(model, method)
         if method.name != "none":
             beta = shares(self.aligned, w)
 
@@ -76,6 +78,29 @@ class PreparedFusion:
                 return mean, std
 
             model = method.repair(model, RepairContext(self.graph, self.repair_samples, target_stats))
+        return model.eval()
+
+    def _multihead(self, fused: nn.Module, method) -> nn.Module:
+        """The partially zipped network: the fused trunk up to the cut, and every model's own head after it."""
+        from .graph.rewrite import Unmerge, apply_edit, editable_copy
+        from .multihead import MultiHead, cut_node
+        from .repair.bn_reset import reset_batchnorm
+
+        k = self.match.info["zip_until"]
+        trunk = apply_edit(editable_copy(fused), {"op": "truncate", "at": cut_node(self.graph, k)})
+        heads = []
+        for i, (m, g) in enumerate(zip(self.balanced, self.balanced_graphs)):
+            cut = cut_node(g, k)
+            s = next(s for s, sp in enumerate(g.spaces) if cut in _reads(g, sp))
+            labels = self.match.maps[i][s].inn.argmax(1)
+            unmerge = Unmerge(labels.numel())
+            unmerge.index.copy_(labels)
+            heads.append(apply_edit(editable_copy(m), {"op": "tail", "after": cut, "features": labels.numel(),
+                                                       "module": "hetfuse_unmerge"},
+                                    {"hetfuse_unmerge": unmerge.to(labels.device)}))
+        model = MultiHead(trunk, heads).eval()
+        if method.name != "none":  # statistics repair of a multi-head network: the BN reset (REPAIR is not defined)
+            reset_batchnorm(model, self.repair_samples)
         return model.eval()
 
     def _repair_method(self, repair):
@@ -102,6 +127,14 @@ class PreparedFusion:
             self._stats = [space_moments(self.aligned_model(i), self.graph, self.repair_samples)
                            for i in range(len(self.balanced))]
         return self._stats
+
+
+def _reads(graph: NetworkGraph, space) -> set[str]:
+    """Every node where a space's values can be read: its pre-activations and what follows them up to the ReLU."""
+    from .graph.activations import read_nodes
+
+    idx = graph.spaces.index(space)
+    return set(space.act_nodes) | set(read_nodes(graph, post=True)[idx])
 
 
 def space_moments(model: nn.Module, graph: NetworkGraph, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

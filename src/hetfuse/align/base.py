@@ -58,6 +58,9 @@ class GroupAlignment:
     alignment: list[int]
     matrix: list[list[float]] | None = None
     matrix_kind: str | None = None
+    fix_first: bool | None = None
+    fix_last: bool | None = None
+    bounded: bool | None = None  # the similarity's values lie in [0, 1] (its cost is 1 - similarity)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -182,7 +185,8 @@ def align_depths(models: list[nn.Module], graphs: list[NetworkGraph], groups: li
                 raise HetfuseError(f"group {grp.name}: the first unit of a {grp.kind} group must stay matched "
                                    f"(alignment {a})")
             per_group.append(GroupAlignment(grp.name, grp.kind, m, n, ref, a,
-                                            None if matrix is None else matrix.tolist(), aligner.objective))
+                                            None if matrix is None else matrix.tolist(), aligner.objective,
+                                            fix_first, fix_last, similarity.bounded))
             offset += m
         result.append(ModelAlignment(i, role, per_group))
     return DepthAlignment(result, notes)

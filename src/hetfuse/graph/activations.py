@@ -195,10 +195,24 @@ class SpaceStats:
         return cov / (torch.outer(self.std(i, s), self.std(j, s)) + eps)
 
 
+def read_nodes(graph: NetworkGraph, post: bool = False) -> list[list[str]]:
+    """Per neuron space, the nodes its activations are read at: the pre-activations (``act_nodes``), or with
+    ``post`` the values after the activation that follows each of them (the ReLU output; the same node where no
+    activation follows)."""
+    if not post:
+        return [list(s.act_nodes) for s in graph.spaces]
+    from .groups import activation_chain
+
+    nodes = {n.name: n for n in graph.gm.graph.nodes}
+    modules = dict(graph.gm.named_modules())
+    return [[activation_chain(nodes[name], modules)[0].name for name in s.act_nodes] for s in graph.spaces]
+
+
 def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph], x: torch.Tensor, *,
-                     pairs: Sequence[tuple[int, int]] = (), batch_size: int = 250) -> SpaceStats:
+                     pairs: Sequence[tuple[int, int]] = (), batch_size: int = 250, post: bool = False) -> SpaceStats:
     """Moments of every space of every model on the same inputs (models of corresponding structure: space s
-    of every model is read at corresponding nodes, so rows are the same observations)."""
+    of every model is read at corresponding nodes, so rows are the same observations). ``post``: read after the
+    activations (see :func:`read_nodes`)."""
     k = len(models)
     n_spaces = len(graphs[0].spaces)
     pairs = sorted({(min(i, j), max(i, j)) for i, j in pairs})
@@ -206,10 +220,10 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
     sums: list[list] = [[0.0] * n_spaces for _ in range(k)]
     squares: list[list] = [[0.0] * n_spaces for _ in range(k)]
     grams: dict[tuple[int, int], list] = {p: [0.0] * n_spaces for p in pairs}
-    recorders = []
+    recorders, reads = [], []
     for m, g in zip(models, graphs):
-        nodes = [n for s in g.spaces for n in s.act_nodes]
-        recorders.append(Recorder(m, nodes))
+        reads.append(read_nodes(g, post))
+        recorders.append(Recorder(m, list(dict.fromkeys(n for per in reads[-1] for n in per))))
     was = [m.training for m in models]
     for m, r in zip(models, recorders):
         m.eval()
@@ -218,10 +232,10 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 feats = []
-                for m, g, r in zip(models, graphs, recorders):
+                for m, per_space, r in zip(models, reads, recorders):
                     vals = r(x[start:start + batch_size].to(_device(m)))
-                    feats.append([torch.cat([rows(vals[n]).to(torch.float64) for n in sp.act_nodes])
-                                  for sp in g.spaces])
+                    feats.append([torch.cat([rows(vals[n]).to(torch.float64) for n in names])
+                                  for names in per_space])
                 for s in range(n_spaces):
                     count[s] += feats[0][s].shape[0]
                     for i in range(k):

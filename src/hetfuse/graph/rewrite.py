@@ -34,7 +34,21 @@ from torch import nn
 
 from ..errors import CheckpointError, HetfuseError
 
+class Unmerge(nn.Module):
+    """Copies fused features back into one model's neurons: output channel j is input channel ``index[j]`` (the
+    unmerge of ZipIt!, as the input of a partially zipped network's head)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.features = int(features)
+        self.register_buffer("index", torch.zeros(self.features, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.index)
+
+
 MODULE_TYPES: dict[str, tuple[type, tuple[str, ...]]] = {
+    "Unmerge": (Unmerge, ("features",)),
     "Linear": (nn.Linear, ("in_features", "out_features", "bias")),
     "Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                            "bias", "padding_mode")),
@@ -211,6 +225,12 @@ def apply_edit(model: nn.Module, edit: dict, modules: dict[str, nn.Module] | Non
     elif op == "fold":
         out = _as_graph_module(model)
         _fold(out, edit, modules)
+    elif op == "truncate":
+        out = _as_graph_module(model)
+        _truncate(out, edit)
+    elif op == "tail":
+        out = _as_graph_module(model)
+        _tail(out, edit, modules)
     else:
         raise CheckpointError(f"unknown edit operation {op!r}")
     set_history(out, base, before + [edit])
@@ -308,6 +328,56 @@ def _fold(gm: fx.GraphModule, edit: dict, modules: dict[str, nn.Module]) -> None
             inputs = list(n.all_input_nodes)
             gm.graph.erase_node(n)
             stack.extend(inputs)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _truncate(gm: fx.GraphModule, edit: dict) -> None:
+    """The network up to node ``at``: its value becomes the output (what a partially zipped network's trunk is)."""
+    nodes = list(gm.graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    at = by_name.get(edit.get("at"))
+    if at is None:
+        raise CheckpointError(f"truncate edit names node {edit.get('at')!r}, which the model does not have")
+    out = next(n for n in nodes if n.op == "output")
+    out.args = (at,)
+    for n in reversed(nodes[nodes.index(at) + 1:]):
+        if n.op != "output":
+            gm.graph.erase_node(n)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _tail(gm: fx.GraphModule, edit: dict, modules: dict[str, nn.Module]) -> None:
+    """The network after node ``after``, reading fused features that an :class:`Unmerge` of ``features`` channels
+    copies back into the network's neurons (a partially zipped network's head). Refused when a later node reads
+    anything from before the cut other than through ``after``."""
+    nodes = list(gm.graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    cut = by_name.get(edit.get("after"))
+    if cut is None:
+        raise CheckpointError(f"tail edit names node {edit.get('after')!r}, which the model does not have")
+    name = edit.get("module", "hetfuse_unmerge")
+    if not str(name).isidentifier():
+        raise CheckpointError(f"tail edit names a bad module {name!r}")
+    gm.add_submodule(name, modules.get(name) or Unmerge(int(edit.get("features", 1))))
+    first = next(n for n in nodes if n.op == "placeholder")
+    with gm.graph.inserting_before(first):
+        inp = gm.graph.placeholder("features")
+    with gm.graph.inserting_after(inp):
+        unmerged = gm.graph.call_module(name, (inp,))
+    before = set(nodes[:nodes.index(cut) + 1])
+    later = nodes[nodes.index(cut) + 1:]
+    for n in later:
+        for a in n.all_input_nodes:
+            if a in before and a is not cut:
+                raise HetfuseError(f"cannot cut the network after node '{cut.name}': node '{n.name}' also reads "
+                                   f"'{a.name}' from before it")
+    cut.replace_all_uses_with(unmerged)
+    for n in reversed(nodes[:nodes.index(cut) + 1]):
+        gm.graph.erase_node(n)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

@@ -127,15 +127,29 @@ def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) 
         out = t.index_select(0, rows)
         if not bool((scale == 1).all()):
             out = out * scale.view(-1, 1, 1)
+    elif (tgt := _single_target(m)) is not None:  # every source goes to one target (a clustering): a scatter-add
+        cols, scale = tgt
+        out = torch.zeros((n_dst,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        out.index_add_(0, cols, t * scale.view(-1, 1, 1))
     else:
         out = torch.einsum("sbr,sd->dbr", t, m)
     return out.reshape(n_dst * blk, *rest).movedim(0, axis.axis).contiguous()
 
 
-def _single_source(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(source index, value) per column when every column of ``m`` has exactly one non-zero entry, else None."""
+def _single_target(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(target index, value) per row when every row of ``m`` has at most one non-zero entry, else None."""
     nz = m != 0
-    if not bool((nz.sum(0) == 1).all()):
+    if not bool((nz.sum(1) <= 1).all()):
+        return None
+    cols = nz.to(torch.int8).argmax(1)
+    return cols, m[torch.arange(m.shape[0], device=m.device), cols]
+
+
+def _single_source(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(source index, value) per column when every column of ``m`` has at most one non-zero entry (an empty column
+    gets value 0), else None."""
+    nz = m != 0
+    if not bool((nz.sum(0) <= 1).all()):
         return None
     rows = nz.to(torch.int8).argmax(0)
     return rows, m[rows, torch.arange(m.shape[1], device=m.device)]

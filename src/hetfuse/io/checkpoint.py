@@ -71,11 +71,19 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict | No
         raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
     if path.exists() and not force:
         raise CheckpointError(f"refusing to overwrite existing checkpoint {path} (pass --force to replace it)")
+    from ..multihead import MultiHead
+
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     _check_finite(tensors, path, "refusing to save checkpoint")
     try:
-        meta = {"format": FORMAT, "hetfuse_version": __version__, "base": json.dumps(base_of(model)),
-                "edits": json.dumps(edits_of(model)), "extra": json.dumps(metadata if metadata is not None else {})}
+        meta = {"format": FORMAT, "hetfuse_version": __version__,
+                "extra": json.dumps(metadata if metadata is not None else {})}
+        if isinstance(model, MultiHead):
+            parts = [model.trunk, *model.heads]
+            meta["multihead"] = json.dumps([{"base": base_of(p), "edits": edits_of(p)} for p in parts])
+        else:
+            meta["base"] = json.dumps(base_of(model))
+            meta["edits"] = json.dumps(edits_of(model))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot save checkpoint {path}: metadata is not JSON-serialisable ({e})") from None
     try:
@@ -229,6 +237,8 @@ def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False, base
         raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt, truncated or another format); "
                               "if it is a torch.save file you trust, pass --allow-pickle")
     meta, shapes = read_header(path)
+    if meta.get("format") == FORMAT and "multihead" in meta:
+        return _load_multihead(path, meta, shapes, base, device)
     if meta.get("format") != FORMAT or not ("base" in meta or "arch" in meta):
         raise CheckpointError(f"{path} is a safetensors file without hetfuse metadata (a foreign checkpoint): its "
                               "architecture is unknown, so hetfuse cannot rebuild the model")
@@ -250,6 +260,38 @@ def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False, base
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
+    _check_finite(state, path, "refusing to load checkpoint")
+    ref = model.state_dict()
+    model.load_state_dict({k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in state.items()})
+    return model.eval(), extra if isinstance(extra, dict) else {"extra": extra}
+
+
+def _load_multihead(path: Path, meta: dict, shapes: dict, base, device) -> tuple[nn.Module, dict]:
+    """A partially zipped network: its trunk and heads, each rebuilt from its own base and edits."""
+    from safetensors import safe_open
+
+    from ..multihead import MultiHead
+
+    try:
+        parts = json.loads(meta["multihead"])
+        extra = json.loads(meta.get("extra", "{}") or "{}")
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: corrupt metadata ({e})") from None
+    if not isinstance(parts, list) or len(parts) < 2 or not all(isinstance(p, dict) for p in parts):
+        raise CheckpointError(f"checkpoint {path}: a multi-head network needs a trunk and heads")
+    bases = list(base) if isinstance(base, (list, tuple)) else [base] * len(parts)
+    if len(bases) != len(parts):
+        raise CheckpointError(f"checkpoint {path} has {len(parts)} parts (trunk and heads); give one base per part")
+
+    def build(dev):
+        built = [_build(p.get("base", {}), p.get("edits", []), b, path, len(shapes), dev)
+                 for p, b in zip(parts, bases)]
+        return MultiHead(built[0], built[1:])
+
+    _compare(build("meta"), shapes, path)
+    model = build(device)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
     _check_finite(state, path, "refusing to load checkpoint")
     ref = model.state_dict()
     model.load_state_dict({k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in state.items()})

@@ -5,7 +5,10 @@ from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap
 from .transport import SOLVERS, Transport, ground_cost, solve_transport
 from .assignment import solve_assignment  # noqa: I001
 from .ot import OTActs, OTWeights  # registration order = the order of the docs and the CLI
+from .perm import PermActs, PermWeights
+from .zip import ElasticZip, Zip, greedy_zip
 from .vanilla import Vanilla
 
-__all__ = ["MatchContext", "MatchResult", "NeuronMatcher", "OTActs", "OTWeights", "SOLVERS", "SpaceMap", "Transport",
-           "Vanilla", "ground_cost", "solve_assignment", "solve_transport"]
+__all__ = ["ElasticZip", "MatchContext", "MatchResult", "NeuronMatcher", "OTActs", "OTWeights", "PermActs",
+           "PermWeights", "SOLVERS", "SpaceMap", "Transport", "Vanilla", "Zip", "greedy_zip",
+           "ground_cost", "solve_assignment", "solve_transport"]

@@ -79,10 +79,12 @@ class MatchContext:
                              for k, v in m.state_dict().items()} for m in self.models]
         return self._states
 
-    def statistics(self, pairs: Literal["target", "all", "none"] = "target") -> SpaceStats:
-        """Moments of every space's activations on the samples; second moments between every network and the
-        target (``target``) or between all pairs (``all``)."""
-        if pairs not in self._stats:
+    def statistics(self, pairs: Literal["target", "all", "none"] = "target", *, post: bool = False) -> SpaceStats:
+        """Moments of every space's activations on the samples (pre-activations, or with ``post`` the values after
+        the ReLU); second moments between every network and the target (``target``) or between all pairs
+        (``all``)."""
+        key = (pairs, post)
+        if key not in self._stats:
             k = self.n_models
             if pairs == "all":
                 wanted = [(i, j) for i in range(k) for j in range(i, k)]
@@ -90,8 +92,8 @@ class MatchContext:
                 wanted = [(i, self.target) for i in range(k) if i != self.target]
             else:
                 wanted = []
-            self._stats[pairs] = space_statistics(self.models, self.graphs, self.x, pairs=wanted)
-        return self._stats[pairs]
+            self._stats[key] = space_statistics(self.models, self.graphs, self.x, pairs=wanted, post=post)
+        return self._stats[key]
 
     def producing_rows(self, i: int, s: int, inn: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Each neuron of network i's space s as one row: the rows of the tensors that produce it (weights, bias,

@@ -15,9 +15,35 @@ def _plt():
     return plt
 
 
+def alternative_alignments(group: dict, chosen: str) -> dict[str, list[int]]:
+    """The alignments CLA, SMA and LMA give on a group's matrix (as a similarity: the negated or 1 − cost), with the
+    group's constraints; the chosen method's own first."""
+    import numpy as np
+
+    from ..align.dp import align_depth
+
+    m = np.asarray(group["matrix"], dtype=float)
+    bounded = group.get("bounded", True)
+    if group.get("matrix_kind") == "cost":
+        cost, sim = m, (1.0 - m if bounded else -m)
+    else:
+        sim, cost = m, (1.0 - m if bounded else -m)
+    out = {chosen: list(group["alignment"])}
+    for method in ("cla", "sma", "lma"):
+        if method != chosen:
+            try:
+                out[method] = align_depth(cost if method == "cla" else sim, method,
+                                          fix_first=bool(group.get("fix_first", True)),
+                                          fix_last=bool(group.get("fix_last", True)))
+            except ValueError:
+                pass
+    return out
+
+
 def plot_alignment_matrices(report: dict, folder: str | Path) -> list[str]:
-    """One PNG per aligned group of every network: the deep × shallow cost or similarity matrix with the chosen
-    alignment drawn on it (units 1-based on the axes). Returns the file names written into ``folder``."""
+    """One PNG per aligned group of every network: the deep × shallow similarity (or cost) matrix with the
+    alignments of CLA, SMA and LMA drawn on it (the chosen one first; units 1-based on the axes; the
+    heterogeneous-merging paper's Fig. 3). Returns the file names written into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -28,7 +54,7 @@ def plot_alignment_matrices(report: dict, folder: str | Path) -> list[str]:
             if g.get("matrix") is None:
                 continue
             name = f"depth_{method}_model{mp['model']}_{g['name']}.png"
-            plot_matrix(g["matrix"], {method: g["alignment"]}, folder / name,
+            plot_matrix(g["matrix"], alternative_alignments(g, method), folder / name,
                         title=f"{method}: {g.get('matrix_kind', 'cost')} ({sim}), {g['name']}",
                         xlabel=f"model {mp['model'] if mp['role'] == 'shallow' else g['reference']}: shallow unit",
                         ylabel=f"model {g['reference'] if mp['role'] == 'shallow' else mp['model']}: deep unit")
@@ -44,22 +70,22 @@ def plot_matrix(matrix, alignments: dict[str, list[int]], path: str | Path, *, t
 
     plt = _plt()
     m = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.55 * m.shape[1], 1.2 + 0.45 * m.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(4.2, 2.2 + 0.55 * m.shape[1]), max(3.4, 1.8 + 0.42 * m.shape[0])))
     im = ax.imshow(m, cmap="viridis", aspect="auto")
     fig.colorbar(im, ax=ax, shrink=0.8)
     markers = ["o", "s", "^", "D", "v"]
-    colors = ["red", "white", "orange", "cyan", "magenta"]
+    colors = ["red", "cyan", "orange", "magenta", "white"]
     for k, (label, a) in enumerate(alignments.items()):
-        ax.plot(range(m.shape[1]), a, markers[k % 5], color=colors[k % 5], markersize=11 - 2 * k, fillstyle="none",
-                markeredgewidth=2, label=label)
+        ax.plot(range(m.shape[1]), a, markers[k % 5], color=colors[k % 5], markersize=max(5, 13 - 3 * k),
+                fillstyle="none", markeredgewidth=2, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xticks(range(m.shape[1]), [str(j + 1) for j in range(m.shape[1])])
     ax.set_yticks(range(m.shape[0]), [str(i + 1) for i in range(m.shape[0])])
     if title:
         ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, ncol=len(alignments))
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=len(alignments), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fig.savefig(path, dpi=110)

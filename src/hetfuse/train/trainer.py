@@ -148,11 +148,19 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) ->
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)], dim=0)
 
 
+def class_scores(outputs: torch.Tensor) -> torch.Tensor:
+    """Per-class scores of a model's outputs: the outputs themselves, or for a multi-head network (outputs
+    ``(batch, heads, classes)``) the average of the heads' softmax probabilities."""
+    if outputs.dim() == 3:
+        return torch.softmax(outputs, dim=-1).mean(dim=1)
+    return outputs
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent (a multi-head network: see :func:`class_scores`)."""
     if x.shape[0] != y.shape[0]:
         raise HetfuseError(f"accuracy: {x.shape[0]} inputs but {y.shape[0]} labels")
-    pred = predict_logits(model, x, batch_size).argmax(dim=1)
+    pred = class_scores(predict_logits(model, x, batch_size)).argmax(dim=1)
     return 100.0 * float((pred == y.long()).float().mean())
 
 
@@ -173,7 +181,8 @@ def ensemble_accuracy(models: Sequence[nn.Module], weights: Sequence[float], x: 
         raise HetfuseError(f"ensemble_accuracy: {x.shape[0]} inputs but {y.shape[0]} labels")
     probs = None
     for m, w in zip(models, weights):
-        p = w * torch.softmax(predict_logits(m, x), dim=1)
+        out = predict_logits(m, x)
+        p = w * (class_scores(out) if out.dim() == 3 else torch.softmax(out, dim=1))
         probs = p if probs is None else probs + p
     pred = probs.argmax(dim=1)
     return 100.0 * float((pred == y.long()).float().mean())

@@ -1,0 +1,160 @@
+"""Permutation matchers of Git Re-Basin: activation matching and weight matching (equal widths)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..errors import HetfuseError
+from ..graph.spec import transform_axis
+from ..registry import register
+from .assignment import solve_assignment
+from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap, parallel_map
+
+
+def _equal_widths(ctx: MatchContext, name: str) -> list[int]:
+    widths = [sp.size for sp in ctx.graphs[ctx.target].spaces]
+    for i, g in enumerate(ctx.graphs):
+        for s, (sp, n) in enumerate(zip(g.spaces, widths)):
+            if sp.size != n:
+                raise HetfuseError(f"{name} needs equal widths; hidden space {s} ('{sp.name}') has {sp.size} neurons in "
+                                   f"model {i} and {n} in the target (use ot-acts or elastic-zip for different widths)")
+    return widths
+
+
+def permutation_map(cols: np.ndarray | torch.Tensor) -> SpaceMap:
+    """The map of a permutation given as ``cols[j]`` = the fused neuron that neuron j goes to."""
+    cols = torch.as_tensor(np.asarray(cols), dtype=torch.long)
+    n = cols.numel()
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m[torch.arange(n), cols] = 1.0
+    return SpaceMap(m, m.clone())
+
+
+@dataclass
+class PermActsParams:
+    features: Literal["pre", "post"] = field(default="pre", metadata={
+        "help": "correlate pre-activations (default: every neuron varies, so a permutation is identifiable) or the "
+                "values after the ReLU (dead neurons then tie)"})
+
+
+@register
+class PermActs(NeuronMatcher):
+    name = "perm-acts"
+    description = ("a permutation onto the target per space, maximising the summed correlation of activations "
+                   "(linear assignment); equal widths")
+    reference = "Git Re-Basin (Ainsworth et al. 2023), activation matching; REPAIR (Jordan et al. 2022)"
+    Params = PermActsParams
+
+    def match(self, ctx: MatchContext) -> MatchResult:
+        widths = _equal_widths(ctx, self.name)
+        st = ctx.statistics("target", post=self.params.features == "post")
+        t = ctx.target
+        maps, solvers = [], []
+        for i in range(ctx.n_models):
+            if i == t:
+                maps.append([SpaceMap.identity(n) for n in widths])
+                solvers.append(["identity"] * len(widths))
+                continue
+            corr = [st.correlation(i, t, s).cpu().numpy() for s in range(ctx.n_spaces)]
+            found = parallel_map(lambda c: solve_assignment(c, maximize=True), corr)
+            maps.append([permutation_map(cols) for cols, _ in found])
+            solvers.append([name for _, name in found])
+        return MatchResult(widths, maps, {"solvers": solvers})
+
+
+@dataclass
+class WeightMatchingParams:
+    max_iter: int = field(default=100, metadata={"help": "at most this many sweeps over all spaces"})
+    seed: int = field(default=0, metadata={"help": "seed of the random order of the spaces in each sweep"})
+
+    def check(self) -> None:
+        if self.max_iter < 1:
+            raise HetfuseError(f"max_iter must be at least 1, got {self.max_iter}")
+
+
+@register
+class PermWeights(NeuronMatcher):
+    name = "perm-weights"
+    description = ("Git Re-Basin weight matching: coordinate descent over all spaces jointly (residual streams "
+                   "included), each step a linear assignment; stops when a sweep changes nothing; equal widths")
+    reference = "Git Re-Basin (Ainsworth et al. 2023), weight matching"
+    Params = WeightMatchingParams
+
+    def match(self, ctx: MatchContext) -> MatchResult:
+        widths = _equal_widths(ctx, self.name)
+        t = ctx.target
+        maps, solvers, sweeps = [], [], []
+        for i in range(ctx.n_models):
+            if i == t:
+                maps.append([SpaceMap.identity(n) for n in widths])
+                solvers.append(["identity"] * len(widths))
+                continue
+            perms, n_sweeps = self._match_pair(ctx, i, t, widths)
+            maps.append([permutation_map(p) for p in perms])
+            solvers.append(["weight-matching"] * len(widths))
+            sweeps.append(n_sweeps)
+        return MatchResult(widths, maps, {"solvers": solvers, "sweeps": sweeps})
+
+    def _match_pair(self, ctx: MatchContext, i: int, t: int, widths: list[int]):
+        """Permutations (neuron j of model i goes to target neuron perm[j]) maximising Σ ⟨W_t, P W_i⟩."""
+        from ..graph.correspond import slot_axes
+
+        states = ctx.states()
+        graph_i = ctx.graphs[i]
+        # every float parameter tied to a space, with its axes in model i and in the target
+        tied = []
+        for slot in ctx.slots:
+            if slot.keys[i] is None or slot.keys[t] is None:
+                continue
+            a, b = states[i][slot.keys[i]], states[t][slot.keys[t]]
+            if not a.is_floating_point():
+                continue
+            axes = slot_axes(graph_i, slot, i)
+            if axes:
+                tied.append((a, b, axes))
+        by_space: dict[int, list[int]] = {}
+        for k, (_, _, axes) in enumerate(tied):
+            for s, _ in axes:
+                by_space.setdefault(s, []).append(k)
+        perms = [np.arange(n) for n in widths]
+        gen = np.random.default_rng(self.params.seed)
+
+        def perm_matrix(p: np.ndarray) -> torch.Tensor:
+            n = len(p)
+            m = torch.zeros(n, n, dtype=torch.float64)
+            m[torch.arange(n), torch.as_tensor(p)] = 1.0
+            return m
+
+        sweeps = 0
+        for sweeps in range(1, self.params.max_iter + 1):
+            changed = False
+            for s in gen.permutation(len(widths)):
+                s = int(s)
+                n = widths[s]
+                cost = torch.zeros(n, n, dtype=torch.float64)
+                for k in by_space.get(s, []):
+                    a, b, axes = tied[k]
+                    for idx, (s2, ax) in enumerate(axes):
+                        if s2 != s:
+                            continue
+                        aa = a
+                        for jdx, (s3, ax3) in enumerate(axes):  # every other tied axis at its current permutation
+                            if jdx != idx:
+                                aa = transform_axis(aa, ax3, perm_matrix(perms[s3]).to(aa.device))
+                        ra = aa.movedim(ax.axis, 0).reshape(n, -1)  # a block of columns per neuron stays together
+                        rb = b.movedim(ax.axis, 0).reshape(n, -1)
+                        cost += (ra @ rb.T).cpu()
+                c = cost.numpy()
+                cols, _ = solve_assignment(c, maximize=True)
+                old = c[np.arange(n), perms[s]].sum()
+                new = c[np.arange(n), cols].sum()
+                if new > old + 1e-12 * max(1.0, abs(old)):
+                    perms[s] = cols
+                    changed = True
+            if not changed:
+                break
+        return perms, sweeps

@@ -1,0 +1,219 @@
+"""ZipIt! zipping and elastic neuron zipping: merge correlated neurons within and across all models.
+
+Per neuron space, the correlation matrix over the union of every model's neurons (their pre-activations by
+default, or the values after the ReLU as in ZipIt!; one observation per sample and, for a conv channel, per
+position) is reduced greedily: the most correlated pair of
+features (within or across models) is merged into one feature, whose correlation to every other feature
+becomes α × the smaller of the two; a merge of two features of the same model spends one unit of that model's
+within-model budget (β × the number of merges × the model's share of the neurons), and a model without budget
+left merges no more of its own features together. This stops when ``r`` features remain. A cluster's members
+are averaged on the producing side and copied back on the consuming side (merge M and unmerge U of ZipIt!).
+
+The greedy loop is vectorised (NumPy): it keeps every row's best partner, so each merge updates two rows and two
+columns and re-scans only the rows that pointed at the merged pair — O(D²) memory, about O(D²) time in all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..errors import HetfuseError
+from ..registry import register
+from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap
+
+NEG = -math.inf
+
+
+def greedy_zip(corr: torch.Tensor, origin: torch.Tensor, r: int, *, alpha: float,
+               beta: float) -> tuple[torch.Tensor, dict]:
+    """Cluster label (0..r-1) of each of the D features described by their D × D correlation matrix (``origin[k]``:
+    the model feature k comes from; clusters numbered in the order of their first member), and counts: per model
+    its budget and the merges it spent on its own features (a merged feature belongs to the model of its first
+    member, as in ZipIt!), and the merges forced past the budgets when nothing else was left."""
+    import numpy as np
+
+    d = corr.shape[0]
+    if not 1 <= r <= d:
+        raise HetfuseError(f"cannot zip {d} features into {r}")
+    origin = origin.cpu().numpy().astype(np.int64)
+    n_models = int(origin.max()) + 1
+    sims = corr.detach().cpu().to(torch.float64).numpy().copy()
+    np.fill_diagonal(sims, NEG)
+    orig = sims.copy()
+    to_remove = d - r
+    sizes = np.bincount(origin, minlength=n_models).astype(np.float64)
+    budget = np.floor(to_remove * beta * sizes / d + 1e-4).astype(np.int64).tolist()
+    info = {"budget": list(budget), "within": [0] * n_models, "forced": 0}
+    exhausted = [False] * n_models
+    owner = origin.copy()
+    alive = np.ones(d, dtype=bool)
+    parent = np.arange(d)
+    rowarg = sims.argmax(1)
+    rowmax = sims[np.arange(d), rowarg]
+
+    def rescan(rows: np.ndarray) -> None:
+        if rows.size:
+            sub = sims[rows]
+            arg = sub.argmax(1)
+            rowarg[rows] = arg
+            rowmax[rows] = sub[np.arange(rows.size), arg]
+
+    def kill_within(o: int) -> None:
+        sel = np.flatnonzero(alive & (owner == o))
+        if sel.size:
+            sims[np.ix_(sel, sel)] = NEG
+            rescan(sel)
+
+    for o in range(n_models):
+        if budget[o] <= 0:
+            exhausted[o] = True
+            kill_within(o)
+    for _ in range(to_remove):
+        i = int(rowmax.argmax())
+        if rowmax[i] == NEG:  # every remaining pair is blocked by the budgets: merge the most correlated pair anyway
+            idx = np.flatnonzero(alive)
+            sub = orig[np.ix_(idx, idx)]
+            flat = int(sub.argmax())
+            i, j = int(idx[flat // idx.size]), int(idx[flat % idx.size])
+            info["forced"] += 1
+        else:
+            j = int(rowarg[i])
+        a, b = min(i, j), max(i, j)
+        same = owner[a] == owner[b]
+        new = alpha * np.minimum(sims[a], sims[b])
+        new[a] = NEG
+        new[b] = NEG
+        sims[a] = new
+        sims[:, a] = new
+        sims[b] = NEG
+        sims[:, b] = NEG
+        alive[b] = False
+        parent[b] = a
+        rowmax[b] = NEG
+        stale = alive & ((rowarg == a) | (rowarg == b))
+        stale[a] = False
+        up = alive & ~stale & (new > rowmax)
+        up[a] = False
+        rowmax[up] = new[up]
+        rowarg[up] = a
+        rowarg[a] = int(new.argmax())
+        rowmax[a] = new[rowarg[a]]
+        rescan(np.flatnonzero(stale))
+        if same:
+            o = int(owner[a])
+            info["within"][o] += 1
+            budget[o] -= 1
+            if budget[o] <= 0 and not exhausted[o]:
+                exhausted[o] = True
+                kill_within(o)
+    root = np.arange(d)  # follow each feature's chain of merges to its cluster's surviving (lowest) member
+    for k in range(d):
+        while parent[root[k]] != root[k]:
+            root[k] = parent[root[k]]
+    reps = np.unique(root)
+    out = np.searchsorted(reps, root)
+    return torch.from_numpy(out), info
+
+
+@dataclass
+class ZipParams:
+    alpha: float = field(default=0.3, metadata={
+        "help": "a merged feature's correlation to the others is alpha x the smaller of its members' (0 < alpha <= 1)"})
+    beta: float = field(default=0.125, metadata={
+        "help": "share of the merges a model may spend on its own features (0: only across models)"})
+    zip_until: int | None = field(default=None, metadata={
+        "help": "zip only the first K depth units, then one head per model (a multi-head network)"})
+    features: Literal["pre", "post"] = field(default="pre", metadata={
+        "help": "correlate pre-activations (default) or, as ZipIt! does, the values after the ReLU (a dead ReLU "
+                "neuron then correlates with nothing and is zipped with an arbitrary partner)"})
+
+    def check(self) -> None:
+        if not 0 < self.alpha <= 1:
+            raise HetfuseError(f"alpha must lie in (0, 1], got {self.alpha}")
+        if not 0 <= self.beta <= 1:
+            raise HetfuseError(f"beta must lie in [0, 1], got {self.beta}")
+        if self.zip_until is not None and self.zip_until < 1:
+            raise HetfuseError(f"zip_until must be at least 1, got {self.zip_until}")
+
+
+@dataclass
+class ElasticZipParams(ZipParams):
+    width: Literal["max", "min", "target"] | list[int] = field(default="max", metadata={
+        "help": "fused widths: max (the widest model's, per space), min, target, or one int per neuron space"})
+
+
+class _Zip(NeuronMatcher):
+    joint = True
+
+    def widths(self, ctx: MatchContext) -> list[int]:
+        raise NotImplementedError
+
+    def match(self, ctx: MatchContext) -> MatchResult:
+        widths = self.widths(ctx)
+        st = ctx.statistics("all", post=self.params.features == "post")
+        k = ctx.n_models
+        maps: list[list[SpaceMap]] = [[] for _ in range(k)]
+        merges = []
+        for s in range(ctx.n_spaces):
+            sizes = [g.spaces[s].size for g in ctx.graphs]
+            corr = torch.cat([torch.cat([st.correlation(i, j, s) for j in range(k)], dim=1) for i in range(k)], dim=0)
+            origin = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
+            labels, info = greedy_zip(corr, origin, widths[s], alpha=self.params.alpha, beta=self.params.beta)
+            offset = 0
+            for i, n in enumerate(sizes):
+                lab = labels[offset:offset + n].cpu()
+                m = torch.zeros(n, widths[s], dtype=torch.float64)
+                m[torch.arange(n), lab] = 1.0
+                maps[i].append(SpaceMap(m, m.clone()))
+                offset += n
+            merges.append({"space": s, "features": sum(sizes), "fused": widths[s],
+                           "within_model_merges": info["within"], "budgets": info["budget"],
+                           "forced": info["forced"]})
+        return MatchResult(widths, maps, {"solvers": [["zip"] * ctx.n_spaces for _ in range(k)], "merges": merges,
+                                          "zip_until": self.params.zip_until})
+
+
+@register
+class Zip(_Zip):
+    name = "zip"
+    description = ("ZipIt!: greedy merging of correlated neurons within and across all models, to the target's widths "
+                   "(equal widths); zip_until K makes a partially zipped multi-head network")
+    reference = "ZipIt! (Stoica et al. 2024); defaults alpha 0.3, beta 0.125 of its public matching function"
+    Params = ZipParams
+
+    def widths(self, ctx):
+        widths = [sp.size for sp in ctx.graphs[ctx.target].spaces]
+        for i, g in enumerate(ctx.graphs):
+            if [sp.size for sp in g.spaces] != widths:
+                raise HetfuseError(f"zip needs equal widths (model {i} differs from the target); use elastic-zip")
+        return widths
+
+
+@register
+class ElasticZip(_Zip):
+    name = "elastic-zip"
+    description = ("elastic neuron zipping: ZipIt!'s greedy merging for models of different widths, to the fused "
+                   "widths `width` (default: the widest model's)")
+    reference = "Training-free heterogeneous merging, §III-C"
+    Params = ElasticZipParams
+
+    def widths(self, ctx):
+        per = [[g.spaces[s].size for g in ctx.graphs] for s in range(ctx.n_spaces)]
+        w = self.params.width
+        if w == "max":
+            return [max(p) for p in per]
+        if w == "min":
+            return [min(p) for p in per]
+        if w == "target":
+            return [p[ctx.target] for p in per]
+        if len(w) != ctx.n_spaces:
+            raise HetfuseError(f"width lists {len(w)} widths, the networks have {ctx.n_spaces} neuron spaces "
+                               f"({', '.join(sp.name for sp in ctx.graphs[ctx.target].spaces)})")
+        for s, (r, p) in enumerate(zip(w, per)):
+            if not 1 <= r <= sum(p):
+                raise HetfuseError(f"width {r} for space {s} must lie in [1, {sum(p)}]")
+        return list(w)

@@ -1,0 +1,41 @@
+"""Partially zipped networks: a shared trunk and one head per model (ZipIt!'s "ZipIt!k/L").
+
+The trunk is the fused network up to a cut (the output of depth unit k); each head is one model's network after
+the cut, reading the trunk's fused features copied back into that model's neurons (an :class:`~hetfuse.graph.
+rewrite.Unmerge`). ``forward`` returns the heads' outputs stacked: ``(batch, heads, outputs)``. Each head scores
+in the models' shared output space; how joint and per-task accuracy are read off it is
+:func:`hetfuse.train.multihead_scores`'s convention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MultiHead(nn.Module):
+    """A shared trunk and one head per model; outputs stacked along dimension 1."""
+
+    def __init__(self, trunk: nn.Module, heads: list[nn.Module]) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.trunk(x)
+        return torch.stack([h(z) for h in self.heads], dim=1)
+
+
+def cut_node(graph, units_before: int) -> str:
+    """The fx node after the first ``units_before`` depth units of a described network (units of all groups in
+    forward order), where a partially zipped network is cut."""
+    from .errors import HetfuseError
+    from .graph.groups import depth_groups
+
+    units = [u for g in depth_groups(graph) for u in g.units]
+    if not 1 <= units_before <= len(units):
+        raise HetfuseError(f"zip_until={units_before}: the network has {len(units)} depth units "
+                           f"({', '.join(u.name for u in units)})")
+    if units_before == len(units):
+        raise HetfuseError(f"zip_until={units_before} zips every depth unit: leave zip_until unset for a full zip")
+    return units[units_before - 1].out_node
