@@ -126,7 +126,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="Nesterov momentum; default on for cifar, off otherwise")
     p.add_argument("--batch-size", type=int, default=None, help="default 128 for cifar, else 64")
     p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4 for cifar, else 0")
-    p.add_argument("--schedule", choices=["constant", "onecycle"], default=None,
+    p.add_argument("--classes", default=None,
+                   help="train on these classes only, e.g. 6,7,3,0,5 (a task of a class split)")
+    p.add_argument("--head", choices=["linear", "embed"], default="linear",
+                   help="linear (default): one logit per class; embed: a 512-d output scored by 100 x cosine against "
+                        "fixed seeded class embeddings, cross-entropy over the model's own classes (the shared output "
+                        "space of class-split merging; CLIP's text embeddings replaced, see the README)")
+    p.add_argument("--embed-dim", type=int, default=512, help="embedding size of --head embed (default 512)")
+    p.add_argument("--embed-seed", type=int, default=0, help="seed of the class embeddings of --head embed")
+    p.add_argument("--recipe", choices=["default", "zipit"], default="default",
+                   help="default: the data set's defaults below; zipit: the recipe of ZipIt! and the heterogeneous-"
+                        "merging paper (SGD momentum 0.9, weight decay 5e-4, peak lr 0.4 after a linear warm-up, "
+                        "linear decay, batch 500, crop + flip)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="warm-up of --schedule warmup-linear (default 5%% of the epochs)")
+    p.add_argument("--schedule", choices=["constant", "onecycle", "warmup-linear"], default=None,
                    help="learning-rate schedule, one-cycle stepped per batch; default onecycle for cifar, "
                         "else constant")
     p.add_argument("--label-smoothing", type=float, default=None, help="default 0.1 for cifar, else 0")
@@ -172,6 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+")
     p.add_argument("--ensemble", action="store_true", help="also report the prediction ensemble")
     p.add_argument("--weights", default=None, help="ensemble weights, one per model (default uniform)")
+    p.add_argument("--tasks", default=None,
+                   help="class-split tasks, e.g. 6,7,3,0,5/2,8,4,9,1: report joint accuracy (argmax over every "
+                        "class), each task's accuracy (argmax over its classes, on its images) and their mean")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--allow-pickle", action="store_true")
     _add_common(p)
@@ -225,17 +242,29 @@ def _load_models(paths: list[str], allow_pickle: bool):
     return models, metas
 
 
-def _check_dims(models, ds, paths) -> None:
-    from .graph import describe
+def _head(meta: dict, ds):
+    from .train import OutputHead
 
-    for m, p in zip(models, paths):
+    return OutputHead.from_dict(meta.get("head"), ds.num_classes)
+
+
+def _check_dims(models, ds, paths, metas=None) -> None:
+    from .graph import describe
+    from .multihead import MultiHead
+
+    for k, (m, p) in enumerate(zip(models, paths)):
+        head = _head(metas[k] if metas else {}, ds)
+        if isinstance(m, MultiHead):
+            m = m.heads[0]
+            continue  # its trunk reads the data; its heads' outputs are checked when scored
         g = describe(m)
         conv = g.modules[0].kind == "conv"
         want = ds.input_shape[0] if conv else ds.input_dim
         unit = "input channels" if conv else "input features"
-        if g.input_dim != want or g.output_dim != ds.num_classes:
+        if g.input_dim != want or g.output_dim != head.outputs:
+            outs = f"{ds.num_classes} classes" if head.kind == "linear" else f"a {head.dim}-d embedding head"
             raise HetfuseError(f"{p}: model maps {g.input_dim} inputs to {g.output_dim} outputs, but {ds.name} has "
-                               f"{want} {unit} and {ds.num_classes} classes")
+                               f"{want} {unit} and {outs}")
 
 
 _CIFAR_TRAIN_DEFAULTS = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "batch_size": 128, "weight_decay": 5e-4,
@@ -245,9 +274,13 @@ _PLAIN_TRAIN_DEFAULTS = {"lr": 0.01, "momentum": 0.5, "nesterov": False, "batch_
 
 
 def _train_settings(a) -> dict:
-    """The training hyper-parameters: explicit flags, else the defaults of the data set's family."""
+    """The training hyper-parameters: explicit flags, else the recipe's or the data set family's defaults."""
+    from .train import ZIPIT_RECIPE
+
     cifar = a.dataset.strip().lower() in ("cifar10", "cifar100")
     defaults = _CIFAR_TRAIN_DEFAULTS if cifar else _PLAIN_TRAIN_DEFAULTS
+    if getattr(a, "recipe", "default") == "zipit":
+        defaults = dict(ZIPIT_RECIPE, augment=ZIPIT_RECIPE["augment"] and cifar)
     return {k: (getattr(a, k) if getattr(a, k) is not None else v) for k, v in defaults.items()}
 
 
@@ -257,7 +290,7 @@ def cmd_train(a) -> int:
     from .data import load_dataset, skill_split
     from .io import save_checkpoint
     from .models import parse_arch, model_from_arch
-    from .train import accuracy, train_model
+    from .train import OutputHead, parse_classes, predict_logits, task_metrics, train_model
 
     out = Path(a.out)
     _refuse_existing([out], a.force)
@@ -266,9 +299,13 @@ def cmd_train(a) -> int:
     cfg = _train_settings(a)
     if cfg["batch_size"] < 1:
         raise HetfuseError("--batch-size must be at least 1")
+    classes = parse_classes(a.classes)
+    if classes is not None and a.split != "all":
+        raise HetfuseError("--classes and --split select training examples in two ways: give one of them")
     ds = load_dataset(a.dataset, a.data_root)
+    head = OutputHead(a.head, ds.num_classes, classes, dim=a.embed_dim, seed=a.embed_seed)
     try:
-        arch = parse_arch(a.arch, input_dim=ds.input_dim, output_dim=ds.num_classes, bias=a.bias,
+        arch = parse_arch(a.arch, input_dim=ds.input_dim, output_dim=head.outputs, bias=a.bias,
                           input_shape=ds.input_shape)
     except ValueError as e:
         raise HetfuseError(f"--arch {a.arch!r}: {e}") from None
@@ -278,29 +315,38 @@ def cmd_train(a) -> int:
     if cfg["augment"] and not conv:
         raise HetfuseError(f"--augment crops images, but {a.arch} is an MLP; pass --no-augment")
     x_train = ds.x_train if conv or ds.x_train.ndim == 2 else ds.x_train.reshape(ds.x_train.shape[0], -1)
-    idx = skill_split(ds.y_train, a.split, seed=a.split_seed)
+    if classes is not None:
+        idx = torch.nonzero(torch.isin(ds.y_train, torch.tensor(classes))).flatten()
+    else:
+        idx = skill_split(ds.y_train, a.split, seed=a.split_seed)
     if ds.note:
         print(f"note: {ds.note}")
     hist = train_model(model, x_train[idx], ds.y_train[idx], epochs=a.epochs, lr=cfg["lr"],
                        momentum=cfg["momentum"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"],
                        seed=a.seed, progress=not a.quiet, desc=f"train {a.arch}", augment=cfg["augment"],
                        schedule=cfg["schedule"], label_smoothing=cfg["label_smoothing"], nesterov=cfg["nesterov"],
-                       channels_last=a.channels_last, record_time=True)
+                       channels_last=a.channels_last, record_time=True, head=head, warmup_epochs=a.warmup_epochs)
     for h in hist:
         print(f"epoch {h['epoch']}/{a.epochs}: loss {h['loss']:.4f}, train accuracy {h['train_acc']:.2f}%, "
               f"{h['seconds']:.2f} s")
     if a.channels_last:
         model = model.to(memory_format=torch.contiguous_format)
     x_test = ds.x_test if conv or ds.x_test.ndim == 2 else ds.x_test.reshape(ds.x_test.shape[0], -1)
-    acc = accuracy(model, x_test, ds.y_test)
+    scores = head.scores(predict_logits(model, x_test))
+    metrics = task_metrics(scores, ds.y_test, [classes] if classes is not None else [list(range(ds.num_classes))])
+    acc = metrics["joint"]
     meta = {"dataset": a.dataset, "arch_spec": a.arch, "split": a.split, "split_seed": a.split_seed,
-            "epochs": a.epochs, **cfg, "channels_last": bool(a.channels_last), "seed": a.seed,
-            "train_examples": int(len(idx)), "test_accuracy": acc,
+            "epochs": a.epochs, **cfg, "recipe": a.recipe, "channels_last": bool(a.channels_last), "seed": a.seed,
+            "train_examples": int(len(idx)), "test_accuracy": acc, "head": head.to_dict(), "classes": classes,
             "train_seconds": float(sum(h["seconds"] for h in hist)), "history": hist}
+    if classes is not None:
+        meta["task_accuracy"] = metrics["tasks"][0]
     if ds.note:
         meta["data_note"] = ds.note
     save_checkpoint(model, out, metadata=meta, force=a.force)
-    print(f"{out}: {a.arch} trained on {a.dataset} ({a.split}, {len(idx)} examples), test accuracy {acc:.2f}%")
+    what = f"classes {','.join(map(str, classes))}" if classes is not None else a.split
+    extra = f" (on its own classes {metrics['tasks'][0]:.2f}%)" if classes is not None else ""
+    print(f"{out}: {a.arch} trained on {a.dataset} ({what}, {len(idx)} examples), test accuracy {acc:.2f}%{extra}")
     return 0
 
 
@@ -328,14 +374,15 @@ def cmd_fuse(a) -> int:
     else:
         weights = _parse_weights(a.weights, len(a.models))
     config = _config_from_args(a, weights).validate(len(a.models))
-    models, _ = _load_models(a.models, a.allow_pickle)
+    models, metas = _load_models(a.models, a.allow_pickle)
     ds = load_dataset(a.dataset, a.data_root)
-    _check_dims(models, ds, a.models)
+    _check_dims(models, ds, a.models, metas)
+    head_meta = _fused_head(metas, ds, a.models)
     result = fuse(models, ds.x_train, config=config)
     report = dict(result.report, inputs=[str(p) for p in a.models], dataset=a.dataset,
                   alignment_samples=f"{result.report['samples']} random training images (seed {a.seed})")
     save_checkpoint(result.model, out, metadata={"fused_from": [str(p) for p in a.models], "config": config.to_dict(),
-                                                 "dataset": a.dataset}, force=a.force)
+                                                 "dataset": a.dataset, **head_meta}, force=a.force)
     _atomic_write(config_path, config.to_json() + "\n")
     if report_dir is not None:
         from .report import plot_alignment_matrices
@@ -349,6 +396,20 @@ def cmd_fuse(a) -> int:
     print(f"{out}: fused {len(models)} models (weights {config.weights}) into hidden widths {widths}"
           + (f"; depth alignment, shallow unit → deep unit (1-based): {maps}" if maps else ""))
     return 0
+
+
+def _fused_head(metas: list[dict], ds, paths) -> dict:
+    """The output head of a fused model (the inputs' common head, over the union of their classes) and, for a
+    multi-head result, the classes of each input."""
+    heads = [_head(m, ds) for m in metas]
+    keys = {(h.kind, h.dim, h.seed, h.scale) if h.kind == "embed" else ("linear",) for h in heads}
+    if len(keys) > 1:
+        raise HetfuseError(f"the checkpoints score their outputs differently ({', '.join(h.kind for h in heads)} heads, "
+                           f"{paths}): fuse models that share their output space")
+    classes = None if any(h.classes is None for h in heads) else sorted({c for h in heads for c in h.classes})
+    head = dict(heads[0].to_dict(), classes=classes)
+    return {"head": head, "head_classes": [h.classes if h.classes is not None else list(range(h.num_classes))
+                                           for h in heads]}
 
 
 def cmd_methods(a) -> int:
@@ -381,9 +442,11 @@ def cmd_eval(a) -> int:
 
     if a.weights is not None and not a.ensemble:
         raise HetfuseError("--weights sets the ensemble's weights: pass --ensemble with it")
-    models, _ = _load_models(a.models, a.allow_pickle)
+    models, metas = _load_models(a.models, a.allow_pickle)
     ds = load_dataset(a.dataset, a.data_root)
-    _check_dims(models, ds, a.models)
+    _check_dims(models, ds, a.models, metas)
+    if a.tasks is not None:
+        return _eval_tasks(a, models, metas, ds)
     accs = [accuracy(m, ds.x_test, ds.y_test) for m in models]
     ens = None
     weights = normalize_weights(_parse_weights(a.weights, len(models)), len(models))
@@ -398,6 +461,32 @@ def cmd_eval(a) -> int:
             print(f"{p:<{width}}  {acc:6.2f}%")
         if ens is not None:
             print(f"{'ensemble':<{width}}  {ens:6.2f}%  (weights {weights})")
+    return 0
+
+
+def _eval_tasks(a, models, metas, ds) -> int:
+    from .train import ensemble_task_metrics, model_task_metrics, parse_tasks
+
+    tasks = parse_tasks(a.tasks)
+    heads = [_head(m, ds) for m in metas]
+    x = ds.x_test
+    rows = [dict(path=p, **model_task_metrics(m, h, x, ds.y_test, tasks, meta.get("head_classes")))
+            for p, m, h, meta in zip(a.models, models, heads, metas)]
+    ens = None
+    if a.ensemble:
+        if a.weights is not None:
+            raise HetfuseError("the ensemble of task models (--tasks) scores each class with the model trained on "
+                               "it; it takes no --weights")
+        ens = ensemble_task_metrics(models, heads, x, ds.y_test, tasks, [m.get("head_classes") for m in metas])
+    if a.json:
+        print(json.dumps({"dataset": a.dataset, "tasks": tasks, "models": rows, "ensemble": ens}))
+        return 0
+    width = max(len(p) for p in a.models + ["ensemble"])
+    head = "  ".join(f"task {k}" for k in range(len(tasks)))
+    print(f"{'':<{width}}  joint   {head}  per-task avg")
+    for r in rows + ([dict(path="ensemble", **ens)] if ens else []):
+        cells = "  ".join(f"{t:6.2f}" for t in r["tasks"])
+        print(f"{r['path']:<{width}}  {r['joint']:6.2f}  {cells}  {r['per_task_avg']:6.2f}")
     return 0
 
 

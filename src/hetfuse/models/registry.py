@@ -6,6 +6,8 @@ Architecture strings (stable syntax, ``name[:options]``):
   Linear biases from the ``bias`` keyword.
 * ``vgg11|vgg13|vgg16|vgg19[:opts]`` - CIFAR VGG (:class:`~hetfuse.models.vgg.VGG`); defaults
   ``w=1``, no BatchNorm, biases on.
+* ``mvgg13|mvgg19[:opts]`` - the VGGs of the training-free heterogeneous-merging paper (three stages of 4 or 6
+  convolutions at 128/256/512 x ``w``, max-pools 4, 4, 2, one Linear); defaults ``w=1``, BatchNorm, no biases.
 * ``resnet18|resnet34|resnet20|resnet26|resnet32|resnet50[:opts]`` - CIFAR ResNet
   (:class:`~hetfuse.models.resnet.ResNet`); defaults ``w=1``, BatchNorm, no biases.
 
@@ -24,13 +26,16 @@ from torch import nn
 
 from .mlp import MLP
 from .resnet import RESNET_FAMILIES, ResNet, resnet_widths
-from .vgg import VGG, VGG_CONFIGS
+from .vgg import MERGING_VGG_CONFIGS, VGG, VGG_CONFIGS
 
 # name -> one-line description, for docs and error messages.
 ZOO: dict[str, str] = {
     "mlp": "MLP, 'mlp:W1,W2,...' hidden widths (Linear + ReLU)",
     **{f"vgg{d}": f"CIFAR VGG-{d} (single Linear classifier, 32x32 inputs); options w=,bn,nobias"
        for d in sorted(VGG_CONFIGS)},
+    **{f"mvgg{d}": (f"VGG{d} of the heterogeneous-merging paper: 3 stages of {(d - 1) // 3} convs at 128/256/512 x w, "
+                    "max-pool 4, 4, 2, one Linear; BatchNorm by default; options w=,nobn,bias")
+       for d in sorted(MERGING_VGG_CONFIGS)},
     **{name: (f"CIFAR ResNet {blocks} BasicBlocks, widths {widths} x w; options w=,nobn,bias"
               + (" (the [n,n,n] family, n=8; not the bottleneck ResNet-50)" if name == "resnet50" else ""))
        for name, (blocks, widths) in RESNET_FAMILIES.items()},
@@ -42,6 +47,7 @@ _OPTIONS = "w=<float>, bn, nobn, bias, nobias"
 def list_archs() -> list[str]:
     """Example architecture strings, one per zoo entry."""
     return ["mlp:400,200,100"] + [f"vgg{d}:w=1,bn" for d in sorted(VGG_CONFIGS)] + \
+        [f"mvgg{d}:w=0.125" for d in sorted(MERGING_VGG_CONFIGS)] + \
         [f"{name}:w=1" for name in RESNET_FAMILIES]
 
 
@@ -110,6 +116,14 @@ def parse_arch(spec: str, *, input_dim: int, output_dim: int, bias: bool = False
                              f"got input shape {tuple(input_shape)}")
         return {"type": "vgg", "depth": int(name[3:]), "width": width, "bn": bn, "bias": has_bias,
                 "num_classes": int(output_dim), "in_channels": in_ch}
+    if name.startswith("mvgg") and name[4:].isdigit() and int(name[4:]) in MERGING_VGG_CONFIGS:
+        width, bn, has_bias = _parse_options(spec, args, bn=True, bias=False)
+        if input_shape is not None and not all(32 <= int(s) < 64 for s in tuple(input_shape)[1:]):
+            raise ValueError(f"{name} needs inputs of 32..63 pixels per side (pools of 4, 4, 2 down to 1x1), "
+                             f"got input shape {tuple(input_shape)}")
+        return {"type": "vgg", "depth": int(name[4:]), "width": width, "bn": bn, "bias": has_bias,
+                "num_classes": int(output_dim), "in_channels": _in_channels(input_shape),
+                "config": list(MERGING_VGG_CONFIGS[int(name[4:])])}
     if name in RESNET_FAMILIES:
         width, bn, has_bias = _parse_options(spec, args, bn=True, bias=False)
         blocks, widths = resnet_widths(name, width)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Standard VGG configurations ("M" = 2x2 max pool).
+# Standard VGG configurations ("M" = 2x2 max pool, "M4" = 4x4 max pool).
 VGG_CONFIGS: dict[int, list[int | str]] = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -24,6 +24,16 @@ VGG_CONFIGS: dict[int, list[int | str]] = {
     19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
          512, 512, 512, 512, "M"],
 }
+
+
+# The VGGs of the training-free heterogeneous-merging paper: three stages of 4 (VGG13) or 6 (VGG19) convolutions
+# at 128, 256 and 512 channels, max-pooled by 4, 4 and 2, then the Linear layer (32x32 inputs -> 1x1).
+MERGING_VGG_CONFIGS: dict[int, list[int | str]] = {
+    13: [128] * 4 + ["M4"] + [256] * 4 + ["M4"] + [512] * 4 + ["M"],
+    19: [128] * 6 + ["M4"] + [256] * 6 + ["M4"] + [512] * 6 + ["M"],
+}
+
+_POOLS = {"M": 2, "M4": 4}
 
 
 def scale_width(c: int, width: float) -> int:
@@ -37,11 +47,11 @@ class VGG(nn.Module):
     def __init__(self, depth: int = 11, width: float = 1.0, bn: bool = False, bias: bool = True,
                  num_classes: int = 10, in_channels: int = 3, config: list[int | str] | None = None) -> None:
         super().__init__()
-        if config is not None:  # an explicit layer list (e.g. a VGG balanced with identity convolutions)
-            config = [c if c == "M" else int(c) for c in config]
-            if not config or any(c != "M" and c <= 0 for c in config):
-                raise ValueError(f"VGG config must list positive channel counts and 'M', got {config!r}")
-            depth = sum(1 for c in config if c != "M") + 3
+        if config is not None:  # an explicit layer list (e.g. the heterogeneous-merging paper's layout)
+            config = [c if c in _POOLS else int(c) for c in config]
+            if not config or any(c not in _POOLS and c <= 0 for c in config):
+                raise ValueError(f"VGG config must list positive channel counts and 'M'/'M4' pools, got {config!r}")
+            depth = sum(1 for c in config if c not in _POOLS) + (1 if any(c == "M4" for c in config) else 3)
             if VGG_CONFIGS.get(depth) == config:
                 config = None
         if config is None and depth not in VGG_CONFIGS:
@@ -61,8 +71,8 @@ class VGG(nn.Module):
         layers: list[nn.Module] = []
         c_in = self.in_channels
         for item in self.layer_config():
-            if item == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            if item in _POOLS:
+                layers.append(nn.MaxPool2d(kernel_size=_POOLS[item], stride=_POOLS[item]))
                 continue
             c_out = scale_width(int(item), self.width)
             layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=self.bias))
@@ -79,6 +89,9 @@ class VGG(nn.Module):
     def layer_config(self) -> list[int | str]:
         """Base channel counts and ``"M"`` pools, in order (before width scaling)."""
         return list(VGG_CONFIGS[self.depth] if self.config is None else self.config)
+
+    def layer_config_pools(self) -> list[int]:
+        return [_POOLS[c] for c in self.layer_config() if c in _POOLS]
 
     def channels(self) -> list[int]:
         """Output channels of each convolution, in order."""

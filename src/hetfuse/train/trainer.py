@@ -25,14 +25,28 @@ def _augment_seed(seed: int) -> int:
     return (int(seed) * 1_000_003 + 0x5DEECE66D) % (2 ** 63 - 1)
 
 
-SCHEDULES = ("constant", "onecycle")
+SCHEDULES = ("constant", "onecycle", "warmup-linear")
+
+# The training recipe of ZipIt! and the heterogeneous-merging paper (SGD, momentum 0.9, weight decay 5e-4, peak
+# learning rate 0.4 after a linear warm-up, then linear decay to 0, per iteration; random crop + flip).
+ZIPIT_RECIPE = {"lr": 0.4, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4, "batch_size": 500,
+                "schedule": "warmup-linear", "label_smoothing": 0.0, "augment": True}
+
+
+def _warmup_linear(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
 
 
 def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, lr: float = 0.01,
                 momentum: float = 0.5, batch_size: int = 64, weight_decay: float = 0.0, seed: int = 0,
                 progress: bool = True, desc: str = "train", augment: bool = False, schedule: str = "constant",
                 label_smoothing: float = 0.0, nesterov: bool = False, channels_last: bool = False,
-                max_batches: int | None = None, record_time: bool = False) -> list[dict]:
+                max_batches: int | None = None, record_time: bool = False, head=None,
+                warmup_epochs: float | None = None) -> list[dict]:
     """Train ``model`` (already initialised) with SGD + cross-entropy; returns per-epoch statistics.
 
     Batches are shuffled with a ``torch.Generator`` seeded by ``seed``. The model trains in train
@@ -44,9 +58,12 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
 
     * ``augment``: random crop (zero padding 4) + horizontal flip of every batch of images
       (:func:`hetfuse.data.random_crop_flip`) drawn from a second generator derived from ``seed``.
-    * ``schedule``: ``"constant"`` or ``"onecycle"`` (``torch.optim.lr_scheduler.OneCycleLR`` with
+    * ``schedule``: ``"constant"``, ``"onecycle"`` (``torch.optim.lr_scheduler.OneCycleLR`` with
       ``max_lr=lr`` over all the run's batches, stepped after every batch; the momentum stays at
-      ``momentum``, it is not cycled).
+      ``momentum``, it is not cycled) or ``"warmup-linear"`` (linear warm-up to ``lr`` over ``warmup_epochs``,
+      default 5% of the run and at least one batch, then linear decay to 0, per batch).
+    * ``head``: an :class:`~hetfuse.train.heads.OutputHead`; the loss is cross-entropy of its ``train_logits``
+      (an embed head: scale × cosine over the model's own classes).
     * ``label_smoothing``: passed to ``F.cross_entropy``.
     * ``nesterov``: Nesterov momentum (needs ``momentum > 0``).
     * ``channels_last``: model and 4-D batches in ``torch.channels_last`` memory format.
@@ -75,6 +92,8 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     if augment and x.ndim != 4:
         raise HetfuseError(f"train_model: augment needs N x C x H x W images, got shape {tuple(x.shape)}")
     y = y.long()
+    if head is not None:
+        y = head.train_targets(y)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -90,6 +109,10 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     sched = None
     if schedule == "onecycle" and total_steps > 0:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, cycle_momentum=False)
+    elif schedule == "warmup-linear" and total_steps > 0:
+        w = 0.05 * epochs if warmup_epochs is None else warmup_epochs
+        warm = max(1, min(total_steps, int(round(w * n_batches))))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_linear(total_steps, warm))
     budget = total_steps if max_batches is None else min(total_steps, int(max_batches))
     steps = 0
     history: list[dict] = []
@@ -114,6 +137,8 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
                 out = model(xb)
+                if head is not None:
+                    out = head.train_logits(out)
                 loss = F.cross_entropy(out, yb, label_smoothing=label_smoothing)
                 loss.backward()
                 last_lr = float(opt.param_groups[0]["lr"])
