@@ -205,12 +205,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("experiment", help="paper reproductions (MNIST MLPs; CIFAR-10 CNNs scaled to a CPU)")
-    p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model", "cifar-resnet", "cifar-vgg"])
+    p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model", "cifar-resnet", "cifar-vgg",
+                                    "skill-transfer-methods", "class-split-mnist", "class-split-cifar-resnet",
+                                    "class-split-cifar-vgg", "class-split-width"])
     p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,3")
     p.add_argument("--out", required=True, help="output folder; one that already holds results needs --force")
     p.add_argument("--force", action="store_true", help="replace results already in --out")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs of each parent (default 10)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs of each parent (default 10; class-split: 10 MNIST, 15 CIFAR-10)")
     p.add_argument("--samples", type=int, default=400, help="alignment (and repair) samples (default 400)")
+    p.add_argument("--width", type=float, default=None, help="class-split CIFAR: width multiplier of the models")
+    p.add_argument("--splits", type=int, default=None, help="class-split: how many class splits (default 5 MNIST, "
+                                                            "2 CIFAR-10)")
+    p.add_argument("--resume", action="store_true",
+                   help="class-split: keep the rows of an interrupted run in --out and compute the missing ones")
     p.add_argument("--data-root", default=None)
     p.add_argument("--quiet", action="store_true")
     return ap
@@ -514,18 +522,26 @@ def cmd_demo(a) -> int:
 
 
 def cmd_experiment(a) -> int:
-    from .experiments import parse_seeds, run_ablation, run_cifar_experiment, run_multi_model, run_skill_transfer
-
+    from .experiments import (parse_seeds, run_ablation, run_cifar_experiment, run_class_split, run_multi_model,
+                              run_skill_methods, run_skill_transfer)
     from .experiments.common import command_line
 
     seeds = parse_seeds(a.seeds)
-    kwargs = dict(data_root=a.data_root, seeds=seeds, out_dir=a.out, epochs=a.epochs, samples=a.samples,
-                  progress=not a.quiet, force=a.force, command=command_line())
-    if a.name.startswith("cifar-"):
-        run_cifar_experiment(a.name.removeprefix("cifar-"), **kwargs)
+    kwargs = dict(data_root=a.data_root, seeds=seeds, out_dir=a.out, samples=a.samples, progress=not a.quiet,
+                  force=a.force, command=command_line())
+    if a.name.startswith("class-split-"):
+        run_class_split(a.name.removeprefix("class-split-"), epochs=a.epochs, width=a.width, splits=a.splits,
+                        resume=a.resume, **kwargs)
     else:
-        fn = {"skill-transfer": run_skill_transfer, "ablation": run_ablation, "multi-model": run_multi_model}[a.name]
-        fn(**kwargs)
+        if a.width is not None or a.splits is not None or a.resume:
+            raise HetfuseError("--width, --splits and --resume belong to the class-split experiments")
+        kwargs["epochs"] = 10 if a.epochs is None else a.epochs
+        if a.name.startswith("cifar-"):
+            run_cifar_experiment(a.name.removeprefix("cifar-"), **kwargs)
+        else:
+            fn = {"skill-transfer": run_skill_transfer, "ablation": run_ablation, "multi-model": run_multi_model,
+                  "skill-transfer-methods": run_skill_methods}[a.name]
+            fn(**kwargs)
     print(f"{a.name}: results in {a.out}")
     return 0
 

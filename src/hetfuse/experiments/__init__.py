@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from .ablation import run_ablation
 from .cifar_oneshot import run_cifar_oneshot
+from .class_split import run_class_split
 from .common import parse_seeds
 from .multi_model import run_multi_model
+from .skill_methods import run_skill_methods
 from .skill_transfer import run_skill_transfer
 
 
@@ -22,5 +24,5 @@ def run_cifar_experiment(setup: str, *, seeds, **kwargs):
     return rows
 
 
-__all__ = ["parse_seeds", "run_ablation", "run_cifar_experiment", "run_cifar_oneshot", "run_multi_model",
-           "run_skill_transfer"]
+__all__ = ["parse_seeds", "run_ablation", "run_cifar_experiment", "run_cifar_oneshot", "run_class_split",
+           "run_multi_model", "run_skill_methods", "run_skill_transfer"]

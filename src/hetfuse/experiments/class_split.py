@@ -1,0 +1,297 @@
+"""Multi-task merging of class-split models (the heterogeneous-merging paper's Tables I and III, ZipIt!'s baselines).
+
+The classes of a data set are split into two disjoint tasks A and B; one model is trained per task with an
+embedding head (scored by 100 × cosine against fixed class embeddings; see :mod:`hetfuse.train.heads`), and
+every pair is merged by every depth aligner × neuron matcher with the same models and seeds. Reported per row:
+joint accuracy (argmax over all classes), each task's accuracy (argmax over its classes, on its images) and
+their mean, beside the task models and their ensemble (each model scoring its own task's classes).
+
+Settings (``hetfuse experiment class-split-mnist|class-split-cifar|class-split-width``):
+
+* ``mnist``: MNIST 5+5, five random splits (seeded), MLPs of 3 and 5 hidden layers of 256 (and 5 of 512 for
+  elastic zipping); both directions of the heterogeneous pair.
+* ``cifar``: CIFAR-10 5+5 on the public code's splits; ResNet [4,4,4] vs [8,8,8] ("ResNet26"/"ResNet50") and
+  VGG13 vs VGG19 in the paper's layout, at CPU scale (narrow, few epochs — stated in the summary).
+* ``width``: CIFAR-10 5+5, ResNet [4,4,4] at widths x and 2x, elastic zipping.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import FusionConfig
+from ..data import Dataset, load_dataset
+from ..errors import HetfuseError
+from ..pipeline import prepare_fusion
+from ..train import OutputHead, ZIPIT_RECIPE, ensemble_task_metrics, model_task_metrics, train_model
+from .common import cached_model, fmt_ms, mean_std, prepare_output, write_command
+
+COLUMNS = ["dataset", "arch_a", "arch_b", "pair", "direction", "classes_a", "classes_b", "method", "depth_align",
+           "match", "joint", "task_a", "task_b", "per_task_avg", "seconds"]
+
+# The public code of the heterogeneous-merging paper seeds NumPy with 0 and draws scikit-learn splits three times.
+CIFAR10_SPLITS = [([6, 7, 3, 0, 5], [2, 8, 4, 9, 1]), ([8, 0, 6, 7, 4], [3, 5, 1, 2, 9]),
+                  ([1, 0, 6, 9, 7], [2, 3, 8, 4, 5])]
+
+# Table I of the paper (CIFAR-10 5+5, three pairs): method -> (joint, per-task avg), per model family.
+PAPER_TABLE1 = {
+    "resnet": {"Task A": (48.32, 66.24), "Task B": (48.30, 64.82), "Homo Avg": (42.22, 62.34),
+               "Homo Perm": (63.96, 87.18), "Homo Zip": (83.34, 93.77), "Perm + SMA": (66.65, 88.41),
+               "Perm + LMA": (67.58, 88.55), "Zip + SMA": (83.15, 93.68), "Zip + LMA": (83.18, 94.16)},
+    "vgg": {"Task A": (47.53, 63.67), "Task B": (47.95, 62.66), "Homo Avg": (10.38, 21.09),
+            "Homo Perm": (48.48, 79.41), "Homo Zip": (73.20, 89.95), "Perm + SMA": (46.83, 72.24),
+            "Perm + LMA": (48.86, 76.17), "Zip + SMA": (70.17, 85.95), "Zip + LMA": (70.40, 86.15)},
+}
+# ZipIt! (CIFAR-10 5+5, ResNet-20 x4, mean of 4 pairs): (joint, per-task avg)
+PAPER_ZIPIT = {"Task A": (48.2, 71.0), "Homo Avg": (43.0, 60.8), "Homo Perm": (58.4, 87.4),
+               "Homo Zip": (79.1, 92.1), "Ensemble": (87.4, 96.6)}
+
+
+@dataclass
+class Method:
+    label: str
+    pair: str               # "homo": arch_a on A + arch_a on B; "hetero": arch_a on A + arch_b on B
+    depth_align: str = "cla"
+    match: str = "ot-acts"
+    params: dict = field(default_factory=dict)
+
+
+def methods_grid(homogeneous: bool = True) -> list[Method]:
+    """The rows: homogeneous baselines, CLAFusion, and every aligner x matcher on the heterogeneous pair."""
+    rows = []
+    if homogeneous:
+        rows += [Method("Homo Avg", "homo", match="none"), Method("Homo Perm", "homo", match="perm-acts"),
+                 Method("Homo Zip", "homo", match="zip")]
+    rows.append(Method("CLAFusion", "hetero", "cla", "ot-acts"))
+    for align, (label, match) in itertools.product(("cla", "sma", "lma"),
+                                                    [("OT", "ot-acts"), ("Perm", "perm-acts"),
+                                                     ("Weights", "perm-weights"), ("Zip", "zip")]):
+        rows.append(Method(f"{label} + {align.upper()}", "hetero", align, match))
+    rows.append(Method("Avg + CLA", "hetero", "cla", "none"))
+    return rows
+
+
+@dataclass
+class Setting:
+    name: str
+    dataset: str
+    archs: dict[str, str]                      # role -> architecture string
+    splits: list[tuple[list[int], list[int]]]
+    epochs: int
+    recipe: dict
+    methods: list[Method]
+    family: str = ""                           # key into PAPER_TABLE1
+    width_pair: tuple[str, str] | None = None  # (arch role on A, arch role on B) merged by elastic zipping
+    note: str = ""
+
+
+def random_splits(num_classes: int, n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        perm = rng.permutation(num_classes).tolist()
+        out.append((perm[: num_classes // 2], perm[num_classes // 2:]))
+    return out
+
+
+MNIST_RECIPE = {"lr": 0.01, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0, "batch_size": 64,
+                "schedule": "constant", "label_smoothing": 0.0, "augment": False}
+
+
+def settings(name: str, *, epochs: int | None = None, width: float | None = None, splits: int | None = None) -> Setting:
+    if name == "mnist":
+        return Setting("mnist", "mnist", {"a": "mlp:256,256,256", "b": "mlp:256,256,256,256,256",
+                                          "wide": "mlp:512,512,512,512,512"},
+                       random_splits(10, splits or 5), epochs or 10, MNIST_RECIPE, methods_grid(),
+                       width_pair=("a", "wide"),
+                       note="MLPs with 512-d embedding heads, the paper's MNIST SGD (lr 0.01, momentum 0.5, batch 64)")
+    w = width if width is not None else 0.5
+    recipe = dict(ZIPIT_RECIPE, batch_size=250)
+    cpu = ("CPU scale: widths x{w} (the paper: x8 ResNets, x1 VGGs), {e} epochs (the paper: 200), batch 250, JPEG "
+           "CIFAR-10")
+    if name == "cifar-resnet":
+        e = epochs or 15
+        return Setting("cifar-resnet", "cifar10", {"a": f"resnet26:w={w}", "b": f"resnet50:w={w}"},
+                       CIFAR10_SPLITS[:splits or 2], e, recipe, methods_grid(), family="resnet",
+                       note=cpu.format(w=w, e=e) + "; shortcut projections are 1x1 convs (the public code: 3x3)")
+    if name == "cifar-vgg":
+        wv = width if width is not None else 0.125
+        e = epochs or 15
+        return Setting("cifar-vgg", "cifar10", {"a": f"mvgg13:w={wv}", "b": f"mvgg19:w={wv}"},
+                       CIFAR10_SPLITS[:splits or 2], e, recipe, methods_grid(), family="vgg",
+                       note=cpu.format(w=wv, e=e))
+    if name == "width":
+        e = epochs or 15
+        return Setting("width", "cifar10", {"a": f"resnet26:w={w}", "b": f"resnet26:w={2 * w}"},
+                       CIFAR10_SPLITS[:splits or 2], e, recipe,
+                       [Method("Elastic zip", "hetero", "cla", "elastic-zip", {"width": "max"}),
+                        Method("Elastic zip (min width)", "hetero", "cla", "elastic-zip", {"width": "min"}),
+                        Method("OT to the wider", "hetero", "cla", "ot-acts", {"target": 1})],
+                       note=cpu.format(w=f"{w} vs x{2 * w}", e=e) + "; the paper's Table III is on CIFAR-100 50+50")
+    raise HetfuseError(f"unknown class-split setting {name!r}; known: mnist, cifar-resnet, cifar-vgg, width")
+
+
+def train_task_model(setting: Setting, ds: Dataset, arch: str, classes: list[int], seed: int, *, cache=True,
+                     progress=False):
+    from ..models import build_model
+
+    head = OutputHead("embed", ds.num_classes, classes)
+    idx = torch.nonzero(torch.isin(ds.y_train, torch.tensor(classes))).flatten()
+    spec = {"kind": "class-split", "dataset": ds.name, "arch": arch, "classes": list(classes), "seed": int(seed),
+            "epochs": setting.epochs, "head": head.to_dict(), **setting.recipe}
+
+    def train():
+        torch.manual_seed(seed)
+        model = build_model(arch, input_dim=ds.input_dim if arch.startswith("mlp") else ds.input_shape[0],
+                            output_dim=head.outputs, input_shape=ds.input_shape)
+        x = ds.x_train[idx]
+        hist = train_model(model, x if not arch.startswith("mlp") else x.flatten(1), ds.y_train[idx],
+                           epochs=setting.epochs, seed=seed, progress=progress, head=head, record_time=True,
+                           desc=f"train {arch} on {classes}", channels_last=not arch.startswith("mlp"),
+                           **setting.recipe)
+        model = model.to(memory_format=torch.contiguous_format)
+        return model, {"history": hist, "head": head.to_dict(), "classes": list(classes), "arch": arch}
+
+    model, meta = cached_model(spec, train, prefix=f"{arch}-{ds.name}-{''.join(map(str, classes))}-s{seed}", cache=cache)
+    return model, head
+
+
+def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] = (0,), epochs: int | None = None,
+                    samples: int = 400, width: float | None = None, splits: int | None = None, progress: bool = True,
+                    cache=True, dataset: Dataset | None = None, force: bool = False, resume: bool = False,
+                    command: str | None = None, setting: Setting | None = None) -> list[dict]:
+    """Run one setting (see the module docstring); returns the CSV rows. ``resume`` keeps the rows of an earlier,
+    interrupted run in ``out_dir`` and computes only the missing ones."""
+    from tqdm.auto import tqdm
+
+    setting = setting or settings(name, epochs=epochs, width=width, splits=splits)
+    out = Path(out_dir)
+    done: list[dict] = []
+    if resume and (out / "results.csv").is_file():
+        with open(out / "results.csv", newline="") as fh:
+            done = list(csv.DictReader(fh))
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out = prepare_output(out_dir, force)
+    ds = dataset if dataset is not None else load_dataset(setting.dataset, data_root)
+    flat = setting.archs["a"].startswith("mlp")
+    x_test = ds.x_test.flatten(1) if flat else ds.x_test
+    x_train = ds.x_train.flatten(1) if flat else ds.x_train
+    keys = {(r["pair"], r["direction"], r["method"]) for r in done}
+    rows = list(done)
+    jobs = [(s, k, (A, B)) for s in seeds for k, (A, B) in enumerate(setting.splits)]
+    bar = tqdm(jobs, desc=f"class split {setting.name}", disable=not progress)
+    for seed, k, (A, B) in bar:
+        models = {}
+
+        def get(role: str, task: str):
+            key = (role, task)
+            if key not in models:
+                classes = A if task == "A" else B
+                models[key] = train_task_model(setting, ds, setting.archs[role], classes, seed + 100 * (task == "B"),
+                                               cache=cache, progress=progress)
+            return models[key]
+
+        for d_idx, (ra, rb) in enumerate([("a", "b"), ("b", "a")]):
+            pair = f"{k}" if len(seeds) == 1 else f"{k}/s{seed}"
+            base = {"dataset": setting.dataset, "arch_a": setting.archs[ra], "arch_b": setting.archs[rb],
+                    "pair": pair, "direction": d_idx, "classes_a": " ".join(map(str, A)),
+                    "classes_b": " ".join(map(str, B))}
+
+            def add(label, metrics, seconds, depth_align="", match=""):
+                rows.append(dict(base, method=label, depth_align=depth_align, match=match, joint=metrics["joint"],
+                                 task_a=metrics["tasks"][0], task_b=metrics["tasks"][1],
+                                 per_task_avg=metrics["per_task_avg"], seconds=seconds))
+                keys.add((str(pair), str(d_idx), label))
+
+            def todo(label):
+                return (str(pair), str(d_idx), label) not in keys
+
+            (ma, ha), (mb, hb) = get(ra, "A"), get(rb, "B")
+            tasks = [A, B]
+            if todo("Task A"):
+                add("Task A", model_task_metrics(ma, ha, x_test, ds.y_test, tasks), 0.0)
+            if todo("Task B"):
+                add("Task B", model_task_metrics(mb, hb, x_test, ds.y_test, tasks), 0.0)
+            if todo("Ensemble"):
+                add("Ensemble", ensemble_task_metrics([ma, mb], [ha, hb], x_test, ds.y_test, tasks), 0.0)
+            for m in setting.methods:
+                if not todo(m.label):
+                    continue
+                pair_models = [ma, get(ra, "B")[0]] if m.pair == "homo" else [ma, mb]
+                params = dict(m.params)
+                target = params.pop("target", None)
+                t0 = time.perf_counter()
+                try:
+                    cfg = FusionConfig(depth_align=m.depth_align, match=m.match, samples=samples, seed=seed,
+                                       target=target, **params)
+                    fused = prepare_fusion(pair_models, x_train, cfg).combine()
+                    metrics = model_task_metrics(fused, ha, x_test, ds.y_test, tasks)
+                except HetfuseError as e:
+                    metrics = {"joint": float("nan"), "tasks": [float("nan")] * 2, "per_task_avg": float("nan")}
+                    print(f"{m.label}: {e}")
+                add(m.label, metrics, time.perf_counter() - t0, m.depth_align, m.match)
+            if setting.width_pair is not None and todo("Elastic zip (width)"):
+                wa, wb = setting.width_pair
+                pm = [get(wa, "A")[0], get(wb, "B")[0]] if d_idx == 0 else [get(wb, "A")[0], get(wa, "B")[0]]
+                t0 = time.perf_counter()
+                fused = prepare_fusion(pm, x_train, FusionConfig(depth_align="lma", match="elastic-zip",
+                                                                 samples=samples, seed=seed)).combine()
+                add("Elastic zip (width)", model_task_metrics(fused, ha, x_test, ds.y_test, tasks),
+                    time.perf_counter() - t0, "lma", "elastic-zip")
+            _write(out / "results.csv", rows)
+    cmd = write_command(out, command)
+    (out / "summary.md").write_text(_summary(setting, rows, seeds, samples, cmd, ds))
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
+    tmp.replace(path)
+
+
+def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds) -> str:
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    paper = PAPER_TABLE1.get(setting.family, {})
+    lines = [f"# Class-split merging: {setting.name}", "",
+             f"Data: {setting.dataset} ({ds.note or 'original files'}); tasks (A / B): " +
+             "; ".join(f"{A} / {B}" for A, B in setting.splits) + f"; seeds {list(seeds)}. Models: " +
+             ", ".join(f"{k} = `{v}`" for k, v in setting.archs.items()) + f"; {setting.epochs} epochs" +
+             (f"; {setting.note}" if setting.note else "") + ". Every model has a 512-d embedding head scored by 100 x cosine against fixed, seeded "
+             "random class embeddings: the papers use CLIP text embeddings of the class names, which cannot be "
+             f"computed offline here. Fusion: {samples} alignment samples, 2000 repair samples (BN reset). Joint "
+             "accuracy = argmax over all classes; per-task = argmax over the task's classes on its images. Rows "
+             "are mean ± std over the splits and both directions of the heterogeneous pair (arch a on task A + "
+             "arch b on task B, and the reverse); homogeneous rows use arch a on both tasks.", "",
+             f"Command: `{cmd}`", "",
+             "| method | joint | task A | task B | per-task avg | paper joint | paper per-task avg |",
+             "|---|---|---|---|---|---|---|"]
+    for label in labels:
+        sel = [r for r in rows if r["method"] == label]
+        vals = {k: [float(r[k]) for r in sel if str(r[k]) not in ("nan", "")] for k in
+                ("joint", "task_a", "task_b", "per_task_avg")}
+        p = paper.get(label)
+        lines.append(f"| {label} | {fmt_ms(vals['joint'])} | {fmt_ms(vals['task_a'])} | {fmt_ms(vals['task_b'])} | "
+                     f"{fmt_ms(vals['per_task_avg'])} | {p[0] if p else ''} | {p[1] if p else ''} |")
+    ens = mean_std([float(r["joint"]) for r in rows if r["method"] == "Ensemble"])[0]
+    best = max((lb for lb in labels if lb not in ("Task A", "Task B", "Ensemble")),
+               key=lambda lb: mean_std([float(r["joint"]) for r in rows if r["method"] == lb
+                                        and str(r["joint"]) != "nan"])[0], default=None)
+    if best:
+        b = mean_std([float(r["joint"]) for r in rows if r["method"] == best])[0]
+        lines += ["", f"Best one-shot merge by joint accuracy: **{best}** ({b:.2f}); the ensemble of the task models: "
+                  f"{ens:.2f} (gap {ens - b:.2f} points)."]
+    return "\n".join(lines) + "\n"
