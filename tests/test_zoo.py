@@ -9,7 +9,7 @@ from torch import nn
 
 from hetfuse.models import ZOO, BasicBlock, ResNet, VGG, build_model, list_archs, model_from_arch, parse_arch
 from hetfuse.models.resnet import RESNET_FAMILIES
-from hetfuse.models.vgg import VGG_CONFIGS
+from hetfuse.models.vgg import MERGING_VGG_CONFIGS, VGG_CONFIGS
 
 ZOO_SPECS = ([f"vgg{d}:w=0.125" for d in (11, 13, 16, 19)] + [f"vgg{d}:w=0.125,bn" for d in (11, 13, 16, 19)]
              + ["resnet18:w=0.0625", "resnet34:w=0.0625", "resnet20:w=0.125", "resnet26:w=0.125",
@@ -116,7 +116,8 @@ def test_other_errors():
 
 
 def test_zoo_listing():
-    assert set(ZOO) == {"mlp", *(f"vgg{d}" for d in VGG_CONFIGS), *RESNET_FAMILIES}
+    assert set(ZOO) == {"mlp", *(f"vgg{d}" for d in VGG_CONFIGS), *(f"mvgg{d}" for d in MERGING_VGG_CONFIGS),
+                        *RESNET_FAMILIES}
     for spec in list_archs():
         assert spec.partition(":")[0] in ZOO
         parse_arch(spec, input_dim=3072, output_dim=10)
