@@ -184,3 +184,46 @@ def test_skill_transfer_methods_smoke(digits, tmp_path):
     text = (tmp_path / "sm" / "summary.md").read_text()
     assert "| lma | elastic-zip |" in text and "n/a" in text  # perm/zip need equal widths: said, not hidden
     assert {r["match"] for r in rows if r["note"] == ""} >= {"ot-acts", "elastic-zip"}
+
+
+@pytest.mark.parametrize("table", [1, 2, 3, 4])
+def test_clafusion_tables_smoke(table, tmp_path):
+    """Every table end to end on a tiny fake CIFAR with tiny networks; rows, summary with the paper's numbers,
+    and resuming without recomputing."""
+    from hetfuse.data import Dataset
+    from hetfuse.experiments import run_clafusion_table
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        y = torch.arange(80) % 10
+        x = torch.randn(80, 3, 32, 32, generator=g) + y.view(-1, 1, 1, 1) * 0.3
+        ds = Dataset(name="fake", x_train=x, y_train=y, x_test=x[:20], y_test=y[:20], num_classes=10,
+                     input_shape=(3, 32, 32))
+        archs = ("resnet26:w=0.25", "resnet20:w=0.25") if table in (1, 2) else ("vgg13:w=0.0625,bn",
+                                                                                "vgg11:w=0.0625,bn")
+        kw = dict(out_dir=tmp_path / "t", epochs=1, finetune_epochs=1, samples=16, progress=False,
+                  cache=tmp_path / "cache", dataset=ds, archs=archs, fit_overrides={"batch_size": 24},
+                  temperatures=(4.0, 1.0), alphas=(0.7,), command=f"hetfuse experiment clafusion-table{table}")
+        rows = run_clafusion_table(table, **kw)
+        fields, written = _read(tmp_path / "t" / "results.csv")
+        assert len(written) == len(rows) and fields[:6] == ["table", "seed", "model", "phase", "temperature", "alpha"]
+        phases = {(r["model"], r["phase"]) for r in rows}
+        want = {1: {("MF", "one-shot"), ("random ResNet34", "finetune"), ("MB depth-aligned", "finetune")},
+                2: {("HMT", "transfer"), ("HMT + CLA + OTFusion", "finetune")},
+                3: {("MF", "retrain"), ("MB depth-aligned", "retrain"), ("MA", "parent")},
+                4: {("random MF", "distill"), ("MF", "distill")}}[table]
+        assert want <= phases
+        if table in (1, 3):  # the depth-aligned B computes B's function
+            acc = {(r["model"], r["phase"]): r["accuracy"] for r in rows}
+            assert acc[("MB depth-aligned", "parent")] == acc[("MB", "parent")]
+        if table == 4:
+            assert len([r for r in rows if r["phase"] == "distill"]) == 5 * 2
+        text = (tmp_path / "t" / "summary.md").read_text()
+        assert "paper" in text and "Scale: CPU run" in text
+        again = run_clafusion_table(table, resume=True, **kw)  # every row is there: nothing is computed again
+        assert [r["accuracy"] for r in again] == [r["accuracy"] for r in written]
+        assert (tmp_path / "t" / "summary.md").read_text().count("n/a") == text.count("n/a")
+    finally:
+        torch.set_num_threads(n)

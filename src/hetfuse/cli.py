@@ -1,4 +1,4 @@
-"""The ``hetfuse`` command: train, fuse, eval, check, demo, experiment."""
+"""The ``hetfuse`` command: train, fuse, eval, finetune, distill, deepen, transfer, check, demo, experiment."""
 
 from __future__ import annotations
 
@@ -26,12 +26,15 @@ def _add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
 _RESERVED = {"weights", "target", "samples", "repair_samples", "seed", "progress", "mapping"}
 
 
-def _method_params() -> dict[str, tuple]:
-    """Every parameter of every registered method: name -> (ParamInfo, ["family:method", ...])."""
+def _method_params(families=None) -> dict[str, tuple]:
+    """Every parameter of every registered method (of ``families``, default all): name -> (ParamInfo,
+    ["family:method", ...])."""
     from .registry import iter_methods, param_infos
 
     out: dict[str, tuple] = {}
     for family, cls in iter_methods():
+        if families is not None and family not in families:
+            continue
         for info in param_infos(cls):
             if info.name in _RESERVED:
                 continue
@@ -42,26 +45,38 @@ def _method_params() -> dict[str, tuple]:
     return out
 
 
-def _add_method_options(p: argparse.ArgumentParser) -> None:
+_STAGES = ("similarity", "depth_align", "balance", "match", "repair")
+
+
+def _add_method_options(p: argparse.ArgumentParser, stages=_STAGES) -> None:
     """Flags for the stages and for every method parameter, generated from the registries."""
-    from .registry import FAMILIES, methods
+    from .registry import methods
 
     def names(family):
         return list(methods(family))
 
-    p.add_argument("--representation", "--similarity", dest="similarity", default=None, choices=names("similarity"),
-                   help="layer similarity for depth alignment (default: the aligner's: neurons for cla, cka for "
-                        "sma/lma)")
-    p.add_argument("--depth-align", default=None, metavar="|".join(names("depth_align")).replace("fixed", "fixed:A,B,.."),
-                   help="depth aligner (default cla); fixed:0,2,3 places the shallow units at those 0-based deep "
-                        "positions")
-    p.add_argument("--balance", default=None, choices=names("balance"), help="depth balancer (default add)")
-    p.add_argument("--match", default=None, choices=names("match"), help="neuron matcher (default ot-acts)")
-    p.add_argument("--repair", nargs="?", const="auto", default=None, choices=names("repair"),
-                   help="statistics repair (default auto: BN reset where there is BatchNorm, REPAIR elsewhere); "
-                        "--repair alone = auto")
-    p.add_argument("--no-repair", dest="repair", action="store_const", const="none", help="same as --repair none")
-    for name, (info, users) in _method_params().items():
+    p.set_defaults(method_stages=tuple(stages))
+    if "similarity" in stages:
+        p.add_argument("--representation", "--similarity", dest="similarity", default=None,
+                       choices=names("similarity"),
+                       help="layer similarity for depth alignment (default: the aligner's: neurons for cla, cka "
+                            "for sma/lma)")
+    if "depth_align" in stages:
+        p.add_argument("--depth-align", default=None,
+                       metavar="|".join(names("depth_align")).replace("fixed", "fixed:A,B,.."),
+                       help="depth aligner (default cla); fixed:0,2,3 places the shallow units at those 0-based "
+                            "deep positions")
+    if "balance" in stages:
+        p.add_argument("--balance", default=None, choices=names("balance"), help="depth balancer (default add)")
+    if "match" in stages:
+        p.add_argument("--match", default=None, choices=names("match"), help="neuron matcher (default ot-acts)")
+    if "repair" in stages:
+        p.add_argument("--repair", nargs="?", const="auto", default=None, choices=names("repair"),
+                       help="statistics repair (default auto: BN reset where there is BatchNorm, REPAIR "
+                            "elsewhere); --repair alone = auto")
+        p.add_argument("--no-repair", dest="repair", action="store_const", const="none",
+                       help="same as --repair none")
+    for name, (info, users) in _method_params(stages).items():
         flag = "--" + name.replace("_", "-")
         used = ", ".join(users)
         default = info.default
@@ -74,31 +89,62 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         else:
             metavar = info.type_name.replace(" or none", "").upper().replace(" ", "_")
             p.add_argument(flag, dest=f"param_{name}", default=None, metavar=metavar, help=helptext)
-    _ = FAMILIES
 
 
-def _config_from_args(a, weights):
+def _config_from_args(a, weights=None, **fixed):
     """The FusionConfig the flags describe: only the flags given are passed on (a method parameter that the
-    chosen methods do not take is an error naming them)."""
+    chosen methods do not take is an error naming them). ``fixed``: options the command sets itself."""
     from .config import FusionConfig
     from .registry import parse_param
 
     params = {}
-    for name, (info, _users) in _method_params().items():
+    for name, (info, _users) in _method_params(getattr(a, "method_stages", _STAGES)).items():
         v = getattr(a, f"param_{name}", None)
         if v is None:
             continue
         params[name] = v if isinstance(v, bool) else parse_param(info, v)
-    depth = a.depth_align
+    depth = getattr(a, "depth_align", None)
     if depth is not None and depth.startswith("fixed:"):
         try:
             params["mapping"] = [int(v) for v in depth[len("fixed:"):].split(",") if v.strip()]
         except ValueError:
             raise HetfuseError(f"--depth-align {depth!r}: expected fixed:0,2,3 (0-based deep positions)") from None
         depth = "fixed"
-    return FusionConfig(weights=weights, target=a.target, similarity=a.similarity, depth_align=depth,
-                        balance=a.balance, match=a.match, repair=a.repair, samples=a.samples,
-                        repair_samples=a.repair_samples, seed=a.seed, progress=not a.quiet, **params)
+    opts = dict(weights=weights, target=getattr(a, "target", None), similarity=getattr(a, "similarity", None),
+                depth_align=depth, balance=getattr(a, "balance", None), match=getattr(a, "match", None),
+                repair=getattr(a, "repair", None), samples=a.samples,
+                repair_samples=getattr(a, "repair_samples", 2000), seed=a.seed, progress=not a.quiet)
+    opts.update(fixed)
+    return FusionConfig(**opts, **params)
+
+
+def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    """The training options of finetune and distill."""
+    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default 0.01)")
+    p.add_argument("--schedule", choices=["cosine", "step", "onecycle", "constant"], default="cosine",
+                   help="per-step schedule: cosine to 0 (default), step (x0.1 at 50%% and 75%%), onecycle, constant")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="global batch (default 128; split evenly over torchrun's processes)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="default 5e-4")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="default on")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="default 0")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop (padding 4) + flip; default on for convolutional models, off for MLPs")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="held-out share of the training set that picks the best epoch (default 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch order and augmentation")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only this many training examples (a seeded random subset, --split-seed; quick runs)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for conv models")
+    p.add_argument("--out", required=True,
+                   help="output checkpoint (best epoch); F.log.csv and F.state.safetensors go beside it")
+    p.add_argument("--restart", action="store_true", help="ignore (and replace) a previous run's state in --out")
+    p.add_argument("--force", action="store_true", help="overwrite --out when it holds another checkpoint")
+    p.add_argument("--allow-pickle", action="store_true")
+    _add_common(p)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -178,6 +224,61 @@ def _parser() -> argparse.ArgumentParser:
                    help="also load pickle (torch.save) checkpoints: only for files you trust")
     _add_common(p)
 
+    p = sub.add_parser("finetune", help="continue training a checkpoint (best epoch on a held-out split kept)",
+                       description="Finetune a checkpoint with SGD. A seeded 10%% of the training set (--val-fraction, "
+                                   "--split-seed) is held out and the epoch with the best accuracy on it is kept; "
+                                   "the per-epoch log goes to F.log.csv beside --out and the last state to "
+                                   "F.state.safetensors, from which a rerun with the same --out resumes. Runs "
+                                   "unchanged under torchrun --nproc_per_node=K --no-python hetfuse finetune ... "
+                                   "(DistributedDataParallel; --batch-size is the global batch).")
+    p.add_argument("model", help="checkpoint to finetune")
+    _add_fit_options(p)
+
+    p = sub.add_parser("distill", help="knowledge distillation from a teacher into a student",
+                       description="Hinton et al.: loss = alpha * T^2 * KL(softened teacher || softened student) + "
+                                   "(1 - alpha) * cross-entropy. Same training options, outputs, resuming and "
+                                   "torchrun support as finetune.")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint")
+    p.add_argument("--student", required=True,
+                   help="student checkpoint, or random:ARCH for a fresh network (e.g. random:vgg11:w=0.5), "
+                        "initialised with --seed")
+    p.add_argument("--temperature", type=float, required=True, help="softmax temperature T (> 0)")
+    p.add_argument("--alpha", type=float, required=True, help="weight of the distillation term, in [0, 1]")
+    _add_fit_options(p)
+
+    p = sub.add_parser("deepen", help="the shallower model brought to a deeper one's depth (same function)",
+                       description="Depth-align S to A and add identity layers / zero residual blocks at the "
+                                   "unmatched positions (the pipeline's depth stages alone; CLAFusion's 'MB "
+                                   "depth-aligned'). The result computes the same function as S.")
+    p.add_argument("model", help="the shallower checkpoint S")
+    p.add_argument("--like", required=True, help="the deeper checkpoint A whose depth S takes")
+    _add_method_options(p, stages=("similarity", "depth_align"))
+    p.add_argument("--samples", type=int, default=400, help="samples for the layer similarity (default 400)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--allow-pickle", action="store_true")
+    _add_common(p)
+
+    p = sub.add_parser("transfer", help="heterogeneous model transfer of SRC's layers into DST",
+                       description="Copy SRC's convolution / Linear weights into DST's layers (HMT, Wang et al. "
+                                   "2021): in order (--mapping chain, the longest chain) or along the cross-layer "
+                                   "alignment (--mapping cla); DST keeps its weights elsewhere. --then avg averages "
+                                   "the result with DST, --then ot fuses it with DST (OTFusion, DST's structure).")
+    p.add_argument("src", help="source checkpoint")
+    p.add_argument("dst", help="destination checkpoint (its architecture is the result's)")
+    p.add_argument("--mapping", choices=["chain", "cla"], default="chain",
+                   help="layer-to-layer mapping (default chain)")
+    p.add_argument("--then", choices=["ot", "avg"], default=None, help="combine the transferred model with DST")
+    _add_method_options(p)
+    p.add_argument("--samples", type=int, default=400, help="alignment samples (default 400)")
+    p.add_argument("--repair-samples", type=int, default=2000, help="repair samples of --then ot (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--allow-pickle", action="store_true")
+    _add_common(p)
+
     p = sub.add_parser("methods", help="list the fusion methods of every stage and their parameters")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--markdown", action="store_true", help="print the README's method table")
@@ -207,7 +308,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="paper reproductions (MNIST MLPs; CIFAR-10 CNNs scaled to a CPU)")
     p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model", "cifar-resnet", "cifar-vgg",
                                     "skill-transfer-methods", "class-split-mnist", "class-split-cifar-resnet",
-                                    "class-split-cifar-vgg", "class-split-width"])
+                                    "class-split-cifar-vgg", "class-split-width", "clafusion-table1",
+                                    "clafusion-table2", "clafusion-table3", "clafusion-table4"])
     p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,3")
     p.add_argument("--out", required=True, help="output folder; one that already holds results needs --force")
     p.add_argument("--force", action="store_true", help="replace results already in --out")
@@ -218,7 +320,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", type=int, default=None, help="class-split: how many class splits (default 5 MNIST, "
                                                             "2 CIFAR-10)")
     p.add_argument("--resume", action="store_true",
-                   help="class-split: keep the rows of an interrupted run in --out and compute the missing ones")
+                   help="class-split and clafusion-table*: keep the rows of an interrupted run in --out and compute "
+                        "the missing ones")
+    p.add_argument("--finetune-epochs", type=int, default=2,
+                   help="clafusion-table*: epochs of every finetune, retraining or distillation (default 2)")
+    p.add_argument("--temperatures", default="20,10,8,4,1",
+                   help="clafusion-table4: distillation temperatures (default 20,10,8,4,1)")
+    p.add_argument("--alphas", default="0.7,0.1",
+                   help="clafusion-table4: distillation weights alpha, tried in this order (default 0.7,0.1; the "
+                        "paper's grid is 0.05,0.1,0.5,0.7,0.95,0.99)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--quiet", action="store_true")
     return ap
@@ -437,6 +547,156 @@ def cmd_methods(a) -> int:
     return 0
 
 
+def _fit_run(a, model, head_meta: dict, *, teacher=None, source: dict) -> int:
+    """finetune / distill: fit ``model`` on --dataset, write the checkpoint (rank 0) and print its accuracy."""
+    from .data import load_dataset
+    from .graph import describe
+    from .io import save_checkpoint
+    from .multihead import MultiHead
+    from .train import FitSettings, OutputHead, fit, predict_logits, task_metrics
+    from .train.fitting import _log_path, _state_path, distributed
+
+    out = Path(a.out)
+    state, log = _state_path(out), _log_path(out)
+    rank, world = distributed()
+    if a.restart:
+        if rank == 0:
+            for f in (state, log):
+                f.unlink(missing_ok=True)
+    elif out.exists() and not state.exists() and not a.force:
+        raise HetfuseError(f"output exists: {out} (not a run to resume: pass --force to overwrite it)")
+    if isinstance(model, MultiHead):
+        raise HetfuseError("a multi-head network cannot be finetuned as one classifier")
+    ds = load_dataset(a.dataset, a.data_root)
+    head = OutputHead.from_dict(head_meta.get("head"), ds.num_classes)
+    if head.classes is not None:
+        raise HetfuseError("the checkpoint is a class-split task model (its head covers some classes only); "
+                           "finetune and distill train on every class")
+    conv = describe(model).modules[0].kind == "conv"
+    augment = conv if a.augment is None else a.augment
+    if augment and not conv:
+        raise HetfuseError("--augment crops images, but the model is an MLP; pass --no-augment")
+    flat = (lambda t: t) if conv or ds.x_train.ndim == 2 else (lambda t: t.reshape(t.shape[0], -1))
+    settings = FitSettings(epochs=a.epochs, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
+                           weight_decay=a.weight_decay, batch_size=a.batch_size, schedule=a.schedule,
+                           label_smoothing=a.label_smoothing, augment=augment, seed=a.seed,
+                           val_fraction=a.val_fraction, split_seed=a.split_seed,
+                           temperature=getattr(a, "temperature", None), alpha=getattr(a, "alpha", None),
+                           channels_last=a.channels_last)
+    if ds.note and rank == 0:
+        print(f"note: {ds.note}")
+    meta = dict(head_meta, dataset=a.dataset, **source)
+    x_train, y_train = flat(ds.x_train), ds.y_train
+    if a.limit is not None:
+        import torch
+
+        if not 0 < a.limit <= x_train.shape[0]:
+            raise HetfuseError(f"--limit must lie in [1, {x_train.shape[0]}], got {a.limit}")
+        keep = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(a.split_seed))[:a.limit]
+        x_train, y_train = x_train[keep.sort().values], y_train[keep.sort().values]
+        meta["train_limit"] = a.limit
+    res = fit(model, x_train, y_train, settings, out=out, teacher=teacher,
+              head=head if head.kind != "linear" else None, progress=not a.quiet, metadata=meta)
+    if rank != 0:
+        return 0
+    scores = head.scores(predict_logits(res.model, flat(ds.x_test)))
+    acc = task_metrics(scores, ds.y_test, [list(range(ds.num_classes))])["joint"]
+    final = dict(meta, fit=res.settings, best_epoch=res.best_epoch, best_val=res.best_val, history=res.history,
+                 test_accuracy=acc, processes=world)
+    save_checkpoint(res.model, out, metadata=final, force=True)
+    if not a.quiet:
+        for h in res.history[res.resumed_from:]:
+            print(f"epoch {h['epoch']}/{a.epochs}: loss {h['loss']:.4f}, train {h['train_acc']:.2f}%, held-out "
+                  f"{h['val_acc']:.2f}%, {h['seconds']:.1f} s")
+    resumed = f", resumed after epoch {res.resumed_from}" if res.resumed_from else ""
+    print(f"{out}: best epoch {res.best_epoch}/{a.epochs} (held-out {res.best_val:.2f}%{resumed}), test accuracy "
+          f"{acc:.2f}% ({world} process{'es' if world > 1 else ''})")
+    return 0
+
+
+def cmd_finetune(a) -> int:
+    models, metas = _load_models([a.model], a.allow_pickle)
+    return _fit_run(a, models[0], _head_meta(metas[0]), source={"finetuned_from": a.model})
+
+
+def _head_meta(meta: dict) -> dict:
+    return {k: meta[k] for k in ("head", "head_classes") if k in meta}
+
+
+def _student(spec: str, ds, seed: int, allow_pickle: bool):
+    import torch
+
+    from .models import model_from_arch, parse_arch
+
+    if spec.startswith("random:"):
+        arch_spec = spec[len("random:"):]
+        try:
+            arch = parse_arch(arch_spec, input_dim=ds.input_dim, output_dim=ds.num_classes, input_shape=ds.input_shape)
+        except ValueError as e:
+            raise HetfuseError(f"--student {spec!r}: {e}") from None
+        torch.manual_seed(seed)
+        return model_from_arch(arch), {"arch_spec": arch_spec}
+    models, metas = _load_models([spec], allow_pickle)
+    return models[0], metas[0]
+
+
+def cmd_distill(a) -> int:
+    from .data import load_dataset
+
+    teachers, tmetas = _load_models([a.teacher], a.allow_pickle)
+    ds = load_dataset(a.dataset, a.data_root)
+    student, smeta = _student(a.student, ds, a.seed, a.allow_pickle)
+    _check_dims([teachers[0], student], ds, [a.teacher, a.student], [tmetas[0], smeta])
+    for who, meta in (("teacher", tmetas[0]), ("student", smeta)):
+        if (meta.get("head") or {}).get("kind", "linear") != "linear":
+            raise HetfuseError(f"the {who} has an embedding head; distillation matches class logits")
+    return _fit_run(a, student, _head_meta(smeta), teacher=teachers[0],
+                    source={"distilled_from": a.teacher, "student_init": a.student,
+                            "temperature": a.temperature, "alpha": a.alpha})
+
+
+def cmd_deepen(a) -> int:
+    from .data import load_dataset
+    from .io import save_checkpoint
+    from .report.tables import describe_alignment
+    from .transfer import deepen
+
+    out = Path(a.out)
+    _refuse_existing([out], a.force)
+    models, metas = _load_models([a.model, a.like], a.allow_pickle)
+    ds = load_dataset(a.dataset, a.data_root)
+    _check_dims(models, ds, [a.model, a.like], metas)
+    config = _config_from_args(a, balance="add", target=1)
+    model, alignment = deepen(models[0], models[1], ds.x_train, config=config)
+    save_checkpoint(model, out, metadata=dict(_head_meta(metas[0]), dataset=a.dataset, deepened_from=a.model,
+                                              like=a.like, alignment=alignment, config=config.to_dict()),
+                    force=a.force)
+    print(f"{out}: {a.model} deepened to the depth of {a.like}; shallow unit → deep unit (1-based): "
+          f"{describe_alignment(alignment)}")
+    return 0
+
+
+def cmd_transfer(a) -> int:
+    from .data import load_dataset
+    from .io import save_checkpoint
+    from .transfer import transfer
+
+    out = Path(a.out)
+    _refuse_existing([out], a.force)
+    models, metas = _load_models([a.src, a.dst], a.allow_pickle)
+    ds = load_dataset(a.dataset, a.data_root)
+    _check_dims(models, ds, [a.src, a.dst], metas)
+    config = _config_from_args(a, target=1)
+    res = transfer(models[0], models[1], ds.x_train, mapping=a.mapping, then=a.then, config=config)
+    report = {k: v for k, v in res.report.items() if k != "fusion"}
+    save_checkpoint(res.model, out, metadata=dict(_head_meta(metas[1]), dataset=a.dataset, transferred_from=a.src,
+                                                  into=a.dst, transfer=report, config=config.to_dict()),
+                    force=a.force)
+    then = {"ot": ", then fused with DST (OT)", "avg": ", then averaged with DST", None: ""}[a.then]
+    print(f"{out}: {len(res.pairs)} layers of {a.src} copied into {a.dst} along the {a.mapping} mapping{then}")
+    return 0
+
+
 def _atomic_write(path: Path, text: str) -> None:
     from .io.checkpoint import atomic_write_bytes
 
@@ -521,20 +781,40 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise HetfuseError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    if not vals:
+        raise HetfuseError(f"{flag}: no values")
+    return vals
+
+
 def cmd_experiment(a) -> int:
-    from .experiments import (parse_seeds, run_ablation, run_cifar_experiment, run_class_split, run_multi_model,
-                              run_skill_methods, run_skill_transfer)
+    from .experiments import (parse_seeds, run_ablation, run_cifar_experiment, run_clafusion_table, run_class_split,
+                              run_multi_model, run_skill_methods, run_skill_transfer)
     from .experiments.common import command_line
 
     seeds = parse_seeds(a.seeds)
     kwargs = dict(data_root=a.data_root, seeds=seeds, out_dir=a.out, samples=a.samples, progress=not a.quiet,
                   force=a.force, command=command_line())
+    table = a.name.startswith("clafusion-table")
+    if not table and (a.finetune_epochs != 2 or a.temperatures != "20,10,8,4,1" or a.alphas != "0.7,0.1"):
+        raise HetfuseError("--finetune-epochs, --temperatures and --alphas belong to the clafusion-table experiments")
     if a.name.startswith("class-split-"):
         run_class_split(a.name.removeprefix("class-split-"), epochs=a.epochs, width=a.width, splits=a.splits,
                         resume=a.resume, **kwargs)
+    elif table:
+        if a.width is not None or a.splits is not None:
+            raise HetfuseError("--width and --splits belong to the class-split experiments")
+        run_clafusion_table(int(a.name.removeprefix("clafusion-table")), epochs=10 if a.epochs is None else a.epochs,
+                            finetune_epochs=a.finetune_epochs, temperatures=_floats(a.temperatures, "--temperatures"),
+                            alphas=_floats(a.alphas, "--alphas"), resume=a.resume, **kwargs)
     else:
         if a.width is not None or a.splits is not None or a.resume:
-            raise HetfuseError("--width, --splits and --resume belong to the class-split experiments")
+            raise HetfuseError("--width, --splits and --resume belong to the class-split and clafusion-table "
+                               "experiments")
         kwargs["epochs"] = 10 if a.epochs is None else a.epochs
         if a.name.startswith("cifar-"):
             run_cifar_experiment(a.name.removeprefix("cifar-"), **kwargs)
@@ -547,7 +827,8 @@ def cmd_experiment(a) -> int:
 
 
 COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "eval": cmd_eval, "check": cmd_check, "demo": cmd_demo,
-            "experiment": cmd_experiment, "methods": cmd_methods}
+            "experiment": cmd_experiment, "methods": cmd_methods, "finetune": cmd_finetune, "distill": cmd_distill,
+            "deepen": cmd_deepen, "transfer": cmd_transfer}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,6 +846,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

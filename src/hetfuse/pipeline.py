@@ -226,13 +226,11 @@ def _progress(iterable, desc: str, enabled: bool):
 # ------------------------------------------------------------------------------------------------- pipeline
 
 
-def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | None = None) -> PreparedFusion:
-    """Every weight-independent step of the fusion (see the module docstring)."""
-    t_start = time.perf_counter()
-    config = config if config is not None else FusionConfig()
+def prepare_inputs(models: Sequence[nn.Module], data, config: FusionConfig
+                   ) -> tuple[list[nn.Module], list[NetworkGraph], torch.Tensor, torch.Tensor]:
+    """Checked eval-mode copies of ``models`` on the first model's device, their descriptions, the alignment
+    samples and the repair samples drawn from ``data``."""
     models = list(models)
-    config.validate(len(models))
-    timings: dict[str, float] = {}
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise HetfuseError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")
@@ -258,29 +256,48 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
         graphs = [describe(m, example=x[:2]) for m in models]
     except RuntimeError as exc:
         raise DataError(f"data samples of shape {tuple(x.shape[1:])} do not fit the models: {exc}") from exc
+    return models, graphs, x, x_repair
+
+
+def balance_depths(models: list[nn.Module], graphs: list[NetworkGraph], x: torch.Tensor, x_repair: torch.Tensor,
+                   config: FusionConfig, target: int) -> tuple[list[nn.Module], list[NetworkGraph], DepthAlignment]:
+    """Stages 1 and 2: align the depth groups of networks that differ in depth and balance them (new lists;
+    networks already at the common depth are kept as they are)."""
+    models, graphs = list(models), list(graphs)
+    groups = [depth_groups(g) for g in graphs]
+    counts = [[len(gr.units) for gr in gs] for gs in groups]
+    balancer = config.method("balance")
+    if all(c == counts[0] for c in counts):
+        depth = DepthAlignment([ModelAlignment(i, "kept", [GroupAlignment(gr.name, gr.kind, len(gr.units),
+                                                                         len(gr.units), i,
+                                                                         list(range(len(gr.units))))
+                                                           for gr in gs]) for i, gs in enumerate(groups)])
+        return models, graphs, depth
+    check_group_pairing(groups)
+    depth = align_depths(models, graphs, groups, x, aligner=config.method("depth_align"),
+                         similarity=config.method("similarity"), direction=balancer.direction, target=target)
+    for ma in _progress(depth.models, "balance", config.progress):
+        if ma.changed:
+            i = ma.model
+            models[i] = balancer.balance(models[i], graphs[i], groups[i], ma, x, x_repair).to(x.device).eval()
+            graphs[i] = describe(models[i], example=x[:2])
+    return models, graphs, depth
+
+
+def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | None = None) -> PreparedFusion:
+    """Every weight-independent step of the fusion (see the module docstring)."""
+    t_start = time.perf_counter()
+    config = config if config is not None else FusionConfig()
+    config.validate(len(models))
+    timings: dict[str, float] = {}
+    models, graphs, x, x_repair = prepare_inputs(models, data, config)
     depths = [g.depth for g in graphs]
     widths_in = [g.widths for g in graphs]
     target = config.target if config.target is not None else min(range(len(models)), key=lambda i: depths[i])
 
     # 1) depth alignment and 2) balancing
     t0 = time.perf_counter()
-    groups = [depth_groups(g) for g in graphs]
-    counts = [[len(gr.units) for gr in gs] for gs in groups]
-    balancer = config.method("balance")
-    if any(c != counts[0] for c in counts):
-        check_group_pairing(groups)
-        depth = align_depths(models, graphs, groups, x, aligner=config.method("depth_align"),
-                             similarity=config.method("similarity"), direction=balancer.direction, target=target)
-        for ma in _progress(depth.models, "balance", config.progress):
-            if ma.changed:
-                i = ma.model
-                models[i] = balancer.balance(models[i], graphs[i], groups[i], ma, x, x_repair).to(device).eval()
-                graphs[i] = describe(models[i], example=x[:2])
-    else:
-        depth = DepthAlignment([ModelAlignment(i, "kept", [GroupAlignment(gr.name, gr.kind, len(gr.units),
-                                                                         len(gr.units), i,
-                                                                         list(range(len(gr.units))))
-                                                           for gr in gs]) for i, gs in enumerate(groups)])
+    models, graphs, depth = balance_depths(models, graphs, x, x_repair, config, target)
     timings["depth_s"] = time.perf_counter() - t0
 
     # 3) neuron matching
@@ -349,4 +366,5 @@ def fuse(models: Sequence[nn.Module], data, *, weights: Sequence[float] | None =
     return FusionResult(model=model, report=report, config=prepared.config)
 
 
-__all__ = ["FusionResult", "PreparedFusion", "fuse", "gather_samples", "prepare_fusion"]
+__all__ = ["FusionResult", "PreparedFusion", "balance_depths", "fuse", "gather_samples", "prepare_fusion",
+           "prepare_inputs"]

@@ -28,19 +28,33 @@ def random_crop_flip(x: torch.Tensor, *, padding: int = 4, flip: bool = True,
     """
     if x.ndim != 4:
         raise ValueError(f"random_crop_flip expects an N x C x H x W tensor, got shape {tuple(x.shape)}")
+    return apply_crop_flip(x, crop_flip_params(x.shape[0], padding=padding, flip=flip, generator=generator),
+                           padding=padding)
+
+
+def crop_flip_params(n: int, *, padding: int = 4, flip: bool = True,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random numbers of :func:`random_crop_flip` for ``n`` images: (row offsets, column offsets, flips), drawn
+    in that order. Drawn for a whole batch and applied to part of it (:func:`apply_crop_flip`), every process of a
+    distributed run augments its share of a global batch exactly as one process would."""
     padding = int(padding)
     if padding < 0:
         raise ValueError(f"padding must be non-negative, got {padding}")
+    gdev = generator.device
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev)
+    flips = torch.randint(0, 2, (n,), generator=generator, device=gdev).bool() if flip else \
+        torch.zeros(n, dtype=torch.bool, device=gdev)
+    return oy, ox, flips
+
+
+def apply_crop_flip(x: torch.Tensor, params, *, padding: int = 4) -> torch.Tensor:
+    """Apply crop offsets and flips (one per image of ``x``) drawn by :func:`crop_flip_params`."""
     n, c, h, w = x.shape
     if n == 0:
         return x.clone()
-    gdev = generator.device
-    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev).to(x.device)
-    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gdev).to(x.device)
-    if flip:
-        flips = torch.randint(0, 2, (n,), generator=generator, device=gdev).to(x.device).bool()
-    else:
-        flips = torch.zeros(n, dtype=torch.bool, device=x.device)
+    oy, ox, flips = (p.to(x.device) for p in params)
+    padding = int(padding)
 
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding)) if padding else x
     hp, wp = h + 2 * padding, w + 2 * padding

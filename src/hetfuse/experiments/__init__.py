@@ -1,10 +1,12 @@
 """Paper experiments: skill transfer (CLAFusion §4.1), the cross-layer-alignment ablation (Appendix C), fusing
-more than two models, and one-shot CLAFusion of CNNs on CIFAR-10 (CPU scale)."""
+more than two models, one-shot CLAFusion of CNNs on CIFAR-10 and CLAFusion's Tables 1-4 (CPU scale), class-split
+merging (the heterogeneous-merging paper)."""
 
 from __future__ import annotations
 
 from .ablation import run_ablation
 from .cifar_oneshot import run_cifar_oneshot
+from .clafusion_tables import run_clafusion_table
 from .class_split import run_class_split
 from .common import parse_seeds
 from .multi_model import run_multi_model
@@ -24,5 +26,6 @@ def run_cifar_experiment(setup: str, *, seeds, **kwargs):
     return rows
 
 
-__all__ = ["parse_seeds", "run_ablation", "run_cifar_experiment", "run_cifar_oneshot", "run_class_split",
+__all__ = ["parse_seeds", "run_ablation", "run_cifar_experiment", "run_cifar_oneshot", "run_clafusion_table",
+           "run_class_split",
            "run_multi_model", "run_skill_methods", "run_skill_transfer"]

@@ -208,3 +208,39 @@ def write_command(out: Path, command: str | None) -> str:
         extra += f", git {prov['git_commit']}" + (" (with uncommitted changes)" if prov.get("git_dirty") else "")
     (out / "command.txt").write_text(f"{cmd}\n# {extra}\n")
     return cmd
+
+
+class ResumableRows:
+    """The rows of an experiment's ``results.csv``, written after every new row; with ``resume`` the rows of an
+    earlier, interrupted run are kept and :meth:`has` tells which still need computing."""
+
+    def __init__(self, path: Path, columns: Sequence[str], key: Sequence[str], *, resume: bool):
+        self.path, self.columns, self.key = Path(path), list(columns), list(key)
+        self.rows: list[dict] = []
+        if resume and self.path.is_file():
+            with open(self.path, newline="") as fh:
+                self.rows = list(csv.DictReader(fh))
+        self._keys = {self._key(r) for r in self.rows}
+
+    def _key(self, row: dict) -> tuple:
+        def norm(v):
+            try:  # 4.0 and the CSV's "4.0000" are one key
+                return repr(float(v))
+            except (TypeError, ValueError):
+                return str(v)
+
+        return tuple(norm(row.get(k, "")) for k in self.key)
+
+    def has(self, **key) -> bool:
+        return self._key(key) in self._keys
+
+    def get(self, **key) -> dict | None:
+        want = self._key(key)
+        return next((r for r in self.rows if self._key(r) == want), None)
+
+    def add(self, row: dict) -> dict:
+        row = {k: row.get(k, "") for k in self.columns}
+        self.rows.append(row)
+        self._keys.add(self._key(row))
+        write_csv(self.path, self.rows, self.columns)
+        return row
