@@ -218,7 +218,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="samples for the repair statistics (default 2000, or the whole training split if smaller)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="fused checkpoint (.safetensors); the config goes beside it")
-    p.add_argument("--report", default=None, help="folder for report.json and the depth-alignment figures")
+    p.add_argument("--report", default=None,
+                   help="folder for the HTML report (index.html: configuration, depth-alignment matrices, matching "
+                        "costs, accuracy of the inputs, their ensemble and the fused model on the test split), "
+                        "report.json and the figures")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle (torch.save) checkpoints: only for files you trust")
@@ -504,9 +507,12 @@ def cmd_fuse(a) -> int:
     _atomic_write(config_path, config.to_json() + "\n")
     if report_dir is not None:
         from .report import plot_alignment_matrices
+        from .report.html import write_fusion_report
 
         report["figures"] = plot_alignment_matrices(report, report_dir)
+        report["accuracy"] = _fusion_accuracy(a.models, models, metas, result.model, head_meta, ds, config.weights)
         _atomic_write(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
+        write_fusion_report(report_dir, report, accuracy=report["accuracy"])
     from .report.tables import describe_alignment
 
     widths = ",".join(str(w) for w in result.report["fused_widths"])
@@ -514,6 +520,38 @@ def cmd_fuse(a) -> int:
     print(f"{out}: fused {len(models)} models (weights {config.weights}) into hidden widths {widths}"
           + (f"; depth alignment, shallow unit → deep unit (1-based): {maps}" if maps else ""))
     return 0
+
+
+def _fusion_accuracy(paths, models, metas, fused, head_meta: dict, ds, weights) -> dict:
+    """The report's accuracy table on the test split: each input, their prediction ensemble, the fused model
+    (joint and per-task accuracy when the inputs were trained on different classes)."""
+    from .config import normalize_weights
+    from .train import OutputHead, ensemble_accuracy, ensemble_task_metrics, model_task_metrics
+
+    heads = [_head(m, ds) for m in metas]
+    fused_head = OutputHead.from_dict(head_meta.get("head"), ds.num_classes)
+    tasks = [list(t) for t in head_meta["head_classes"]]
+    split = len({tuple(sorted(t)) for t in tasks}) > 1
+    tasks = tasks if split else [list(range(ds.num_classes))]
+    x, y = ds.x_test, ds.y_test
+    rows = []
+    for p, m, h, meta in zip(paths, models, heads, metas):
+        r = model_task_metrics(m, h, x, y, tasks, meta.get("head_classes"))
+        rows.append([p, r["joint"], *r["tasks"], r["per_task_avg"]] if split else [p, r["joint"]])
+    w = normalize_weights(weights, len(models))
+    if split:
+        ens = ensemble_task_metrics(models, heads, x, y, tasks, [m.get("head_classes") for m in metas])
+        rows.append(["ensemble (each model on its classes)", ens["joint"], *ens["tasks"], ens["per_task_avg"]])
+    else:
+        rows.append([f"ensemble (weights {w})", ensemble_accuracy(models, w, x, y)])
+    r = model_task_metrics(fused, fused_head, x, y, tasks, head_meta.get("head_classes"))
+    rows.append(["fused", r["joint"], *r["tasks"], r["per_task_avg"]] if split else ["fused", r["joint"]])
+    rows = [[row[0], *(f"{v:.2f}" for v in row[1:])] for row in rows]
+    header = ["model", "joint"] + [f"task {k + 1}" for k in range(len(tasks))] + ["per-task avg"] if split else \
+        ["model", "test accuracy (%)"]
+    note = (f"{ds.name} test split ({y.numel()} images)" + ("; joint = argmax over every class, task k = argmax over "
+                                                         "task k's classes on its images" if split else ""))
+    return {"header": header, "rows": rows, "note": note}
 
 
 def _fused_head(metas: list[dict], ds, paths) -> dict:
@@ -822,7 +860,10 @@ def cmd_experiment(a) -> int:
             fn = {"skill-transfer": run_skill_transfer, "ablation": run_ablation, "multi-model": run_multi_model,
                   "skill-transfer-methods": run_skill_methods}[a.name]
             fn(**kwargs)
-    print(f"{a.name}: results in {a.out}")
+    from .report.html import write_experiment_report
+
+    page = write_experiment_report(a.out)
+    print(f"{a.name}: results in {a.out} (report: {page})")
     return 0
 
 
