@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
 from .spec import INPUT, OUTPUT, ModuleInfo, NetworkGraph, NeuronSpace, ParamAxis
@@ -71,6 +71,24 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "hetfuse needs a model without data-dependent control flow") from exc
 
 
+class TensorShape(NamedTuple):
+    """The shape (and dtype) of a node's output on the example inputs, as ``node.meta["tensor_meta"]``."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Record every node's output shape (torch's ShapeProp does the same but imports sympy, a third of a second
+    of every process's start-up)."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = TensorShape(tuple(result.shape), result.dtype)
+        return result
+
+
 def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGraph:
     """Trace ``model`` and return its :class:`NetworkGraph`.
 
@@ -84,7 +102,7 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
         was = model.training
         gm.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(example[:2])
+            _ShapeRecorder(gm).run(example[:2])
         model.train(was)
     vals: dict[fx.Node, _Val] = {}
     spaces: list[NeuronSpace] = []
