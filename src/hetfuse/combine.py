@@ -38,6 +38,8 @@ class AlignedNetworks:
 
 def _normalised_columns(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mass = m.sum(0)
+    if bool(((mass == 1) | (mass == 0)).all()):  # already normalised (a permutation, a selection): no copy
+        return m, mass
     return m / torch.where(mass > 0, mass, torch.ones_like(mass))[None, :], mass
 
 

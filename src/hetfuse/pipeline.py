@@ -310,6 +310,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
     # 4) apply the maps (weight-independent part of the combination)
     t0 = time.perf_counter()
     aligned = apply_maps(ctx.states(), graphs, slots, result, target)
+    ctx._states = None  # the float64 copies of the networks are no longer needed
     skeleton = fused_skeleton(models[target], graphs[target], slots, result.widths, target)
     skeleton_graph = describe(skeleton, example=x[:2])
     timings["apply_maps_s"] = time.perf_counter() - t0
