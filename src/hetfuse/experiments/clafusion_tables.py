@@ -345,7 +345,9 @@ def summary(table: int, rows: list[dict], report: dict, cmd: str) -> str:
                 2: f"B = `{b_spec}` transferred into A = `{a_spec}`; the paper's ResNet18 / ResNet34 are full width, "
                    "without BatchNorm",
                 3: f"teacher A = `{a_spec}`, student B = `{b_spec}`; the paper's are VGG13 ×2 and VGG11 ×0.5 without "
-                   "BatchNorm (we keep BatchNorm and recompute its statistics after fusing)"}[table]
+                   "BatchNorm. We keep BatchNorm and recompute its statistics after fusing: a BatchNorm-free VGG11 "
+                   "×0.125 did not train at all in a 3-epoch probe on this CPU (`results/clafusion/bn_free_probe/`)"
+                }[table]
         lines += [f"Networks: {arch}.", ""]
         lines += ["| model | phase | ours | ours, BN reset | paper |", "|---|---|---|---|---|"]
         seen = []
