@@ -42,3 +42,15 @@ def cifar_root():
     if root is None:
         pytest.skip("real CIFAR-10 not available (set HETFUSE_DATA to a folder holding cifar10/)")
     return root
+
+
+def train_digits_pair(folder: Path) -> tuple[Path, Path]:
+    """Two MLPs of depths 2 and 3 (with biases) trained for 2 epochs on the bundled digits, written to
+    ``folder/a.safetensors`` and ``folder/b.safetensors`` through the CLI."""
+    from hetfuse.cli import main
+
+    a, b = folder / "a.safetensors", folder / "b.safetensors"
+    common = ["--dataset", "digits", "--quiet", "--epochs", "2", "--lr", "0.05", "--bias"]
+    assert main(["train", "--arch", "mlp:32,16", "--out", str(a)] + common) == 0
+    assert main(["train", "--arch", "mlp:32,24,16", "--seed", "1", "--out", str(b)] + common) == 0
+    return a, b

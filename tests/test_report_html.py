@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import train_digits_pair
 from hetfuse.report.html import markdown_to_html, write_experiment_report, write_page
 
 
@@ -131,12 +132,8 @@ def test_the_checker_sees_a_missing_image_and_a_script_error(tmp_path):
 def test_fuse_report_renders(tmp_path):
     from hetfuse.cli import main
 
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a, b = train_digits_pair(tmp_path)
     common = ["--dataset", "digits", "--quiet"]
-    assert main(["train", "--arch", "mlp:32,16", "--epochs", "2", "--lr", "0.05", "--bias", "--out", str(a)]
-                + common) == 0
-    assert main(["train", "--arch", "mlp:32,24,16", "--epochs", "2", "--lr", "0.05", "--bias", "--seed", "1",
-                 "--out", str(b)] + common) == 0
     rep = tmp_path / "report"
     assert main(["fuse", str(a), str(b), "--out", str(tmp_path / "f.safetensors"), "--report", str(rep),
                  "--samples", "200"] + common) == 0

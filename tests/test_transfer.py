@@ -12,6 +12,7 @@ from hetfuse.errors import HetfuseError
 from hetfuse.graph import describe, depth_groups
 from hetfuse.models import MLP, build_model
 from hetfuse.transfer import average_weights, copy_layer, deepen, main_layers, transfer
+from conftest import train_digits_pair
 from models_zoo_for_tests import ResidualMLP, UserResNet, randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,12 +176,8 @@ def test_initialisation_commands_run_end_to_end(tmp_path, capsys):
     from hetfuse.cli import main
     from hetfuse.io import load_checkpoint
 
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a, b = train_digits_pair(tmp_path)
     common = ["--dataset", "digits", "--quiet"]
-    assert main(["train", "--arch", "mlp:32,16", "--epochs", "2", "--lr", "0.05", "--bias", "--out", str(a)]
-                + common) == 0
-    assert main(["train", "--arch", "mlp:32,24,16", "--epochs", "2", "--lr", "0.05", "--bias", "--seed", "1",
-                 "--out", str(b)] + common) == 0
     deep = tmp_path / "deep.safetensors"
     assert main(["deepen", str(a), "--like", str(b), "--out", str(deep)] + common) == 0
     assert "1→1" in capsys.readouterr().out

@@ -693,17 +693,24 @@ def cmd_distill(a) -> int:
                             "temperature": a.temperature, "alpha": a.alpha})
 
 
-def cmd_deepen(a) -> int:
+def _two_checkpoints(a, paths: list[str]):
+    """deepen / transfer: the output path (refused if it exists), the two models, their metadata, the data set."""
     from .data import load_dataset
+
+    out = Path(a.out)
+    _refuse_existing([out], a.force)
+    models, metas = _load_models(paths, a.allow_pickle)
+    ds = load_dataset(a.dataset, a.data_root)
+    _check_dims(models, ds, paths, metas)
+    return out, models, metas, ds
+
+
+def cmd_deepen(a) -> int:
     from .io import save_checkpoint
     from .report.tables import describe_alignment
     from .transfer import deepen
 
-    out = Path(a.out)
-    _refuse_existing([out], a.force)
-    models, metas = _load_models([a.model, a.like], a.allow_pickle)
-    ds = load_dataset(a.dataset, a.data_root)
-    _check_dims(models, ds, [a.model, a.like], metas)
+    out, models, metas, ds = _two_checkpoints(a, [a.model, a.like])
     config = _config_from_args(a, balance="add", target=1)
     model, alignment = deepen(models[0], models[1], ds.x_train, config=config)
     save_checkpoint(model, out, metadata=dict(_head_meta(metas[0]), dataset=a.dataset, deepened_from=a.model,
@@ -715,15 +722,10 @@ def cmd_deepen(a) -> int:
 
 
 def cmd_transfer(a) -> int:
-    from .data import load_dataset
     from .io import save_checkpoint
     from .transfer import transfer
 
-    out = Path(a.out)
-    _refuse_existing([out], a.force)
-    models, metas = _load_models([a.src, a.dst], a.allow_pickle)
-    ds = load_dataset(a.dataset, a.data_root)
-    _check_dims(models, ds, [a.src, a.dst], metas)
+    out, models, metas, ds = _two_checkpoints(a, [a.src, a.dst])
     config = _config_from_args(a, target=1)
     res = transfer(models[0], models[1], ds.x_train, mapping=a.mapping, then=a.then, config=config)
     report = {k: v for k, v in res.report.items() if k != "fusion"}
