@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -36,9 +37,9 @@ def render(page: Path, screenshot: Path, timeout: float = 60.0) -> dict:
     full-page PNG screenshot."""
     import websocket
 
-    profile = screenshot.parent / "chromium-profile"
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))  # fresh: no stale DevToolsActivePort
     proc = subprocess.Popen([_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                             "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={profile}",
+                             "--remote-debugging-port=0", "--remote-allow-origins=*", "--window-size=1280,1000", f"--user-data-dir={profile}",
                              "--allow-file-access-from-files", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -95,6 +96,7 @@ def render(page: Path, screenshot: Path, timeout: float = 60.0) -> dict:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def _check_rendered(page: Path, tmp_path: Path, min_images: int) -> dict:
