@@ -39,8 +39,8 @@ def render(page: Path, screenshot: Path, timeout: float = 60.0) -> dict:
 
     profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))  # fresh: no stale DevToolsActivePort
     proc = subprocess.Popen([_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                             "--remote-debugging-port=0", "--remote-allow-origins=*", "--window-size=1280,1000", f"--user-data-dir={profile}",
-                             "--allow-file-access-from-files", "about:blank"],
+                             "--remote-debugging-port=0", "--remote-allow-origins=*", "--window-size=1280,1000",
+                             f"--user-data-dir={profile}", "--allow-file-access-from-files", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = profile / "DevToolsActivePort"
