@@ -47,6 +47,33 @@ def test_the_recorded_command_is_the_one_that_ran(monkeypatch):
     assert command_line() == "hetfuse experiment skill-transfer --seeds 0 --out 'my folder'"
 
 
+def test_provenance_flags_changed_code_not_results_written_into_the_checkout(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from hetfuse.experiments import common
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "checkout"
+    (repo / "src" / "pkg").mkdir(parents=True)
+    (repo / "results").mkdir()
+    (repo / "src" / "pkg" / "common.py").write_text("x = 1\n")
+    (repo / "results" / "r.csv").write_text("a\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["-C", str(repo), "add", "."], check=True)
+    subprocess.run(git + ["-C", str(repo), "commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(common, "__file__", str(repo / "src" / "pkg" / "common.py"))
+    (repo / "results" / "r.csv").write_text("b\n")  # an experiment rewrote a committed result
+    info = common.provenance()
+    assert len(info["git_commit"]) == 40 and info["git_dirty"] is False
+    (repo / "src" / "pkg" / "common.py").write_text("x = 2\n")
+    assert common.provenance()["git_dirty"] is True
+    common.write_command(tmp_path, "hetfuse experiment x")
+    assert "(with uncommitted changes to the package)" in (tmp_path / "command.txt").read_text()
+
+
 def test_experiments_keep_their_models_under_the_one_cache_root(tmp_path, monkeypatch):
     from hetfuse.data import load_dataset
     from hetfuse.experiments.common import train_mlp

@@ -169,14 +169,15 @@ def command_line() -> str:
 
 
 def provenance() -> dict:
-    """The package version and, where the code is a git checkout, its commit."""
+    """The package version and, where the code is a git checkout, its commit and whether the package's own
+    files differ from it (results written into the checkout do not count)."""
     info = {"hetfuse_version": __version__}
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if out.returncode == 0:
             info["git_commit"] = out.stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=here,
                                    capture_output=True, text=True, timeout=5)
             info["git_dirty"] = bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
@@ -205,7 +206,7 @@ def write_command(out: Path, command: str | None) -> str:
     prov = provenance()
     extra = f"hetfuse {prov['hetfuse_version']}"
     if "git_commit" in prov:
-        extra += f", git {prov['git_commit']}" + (" (with uncommitted changes)" if prov.get("git_dirty") else "")
+        extra += f", git {prov['git_commit']}" + (" (with uncommitted changes to the package)" if prov.get("git_dirty") else "")
     (out / "command.txt").write_text(f"{cmd}\n# {extra}\n")
     return cmd
 
