@@ -206,7 +206,8 @@ def write_command(out: Path, command: str | None) -> str:
     prov = provenance()
     extra = f"hetfuse {prov['hetfuse_version']}"
     if "git_commit" in prov:
-        extra += f", git {prov['git_commit']}" + (" (with uncommitted changes to the package)" if prov.get("git_dirty") else "")
+        dirty = " (with uncommitted changes to the package)" if prov.get("git_dirty") else ""
+        extra += f", git {prov['git_commit']}{dirty}"
     (out / "command.txt").write_text(f"{cmd}\n# {extra}\n")
     return cmd
 
