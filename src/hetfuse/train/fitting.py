@@ -130,16 +130,10 @@ def _log_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".log.csv")
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits_of, batch: int = 1000) -> float:
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    correct = 0
-    for i in range(0, x.shape[0], batch):
-        correct += int((logits_of(model(x[i:i + batch].to(dev))).argmax(1).cpu() == y[i:i + batch]).sum())
-    model.train(was)
-    return 100.0 * correct / max(1, x.shape[0])
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits_of) -> float:
+    from .trainer import predict_logits
+
+    return 100.0 * float((logits_of(predict_logits(model, x)).argmax(1) == y).float().mean())
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSettings, *, out: str | Path | None = None,

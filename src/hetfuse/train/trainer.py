@@ -166,11 +166,15 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """The model's outputs on ``x``, computed in eval mode without gradients, batch by batch."""
+    """The model's outputs on ``x``, computed in eval mode without gradients, batch by batch (each batch moved to
+    the model's device; the outputs are on ``x``'s device)."""
     model.eval()
     if x.shape[0] == 0:
         raise HetfuseError("predict_logits: no inputs")
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)], dim=0)
+    p = next(model.parameters(), None)
+    dev = x.device if p is None else p.device
+    return torch.cat([model(x[i:i + batch_size].to(dev)).to(x.device) for i in range(0, x.shape[0], batch_size)],
+                     dim=0)
 
 
 def class_scores(outputs: torch.Tensor) -> torch.Tensor:
