@@ -176,6 +176,21 @@ def test_class_split_smoke(digits, tmp_path):
                         cache=tmp_path / "cache")
 
 
+def test_class_split_summaries_put_the_papers_numbers_beside_ours():
+    from types import SimpleNamespace
+
+    from hetfuse.experiments.class_split import PAPER_TABLE1, PAPER_TABLE3, _summary, settings
+
+    for name, paper in [("width", PAPER_TABLE3), ("cifar-resnet", PAPER_TABLE1["resnet"])]:
+        setting = settings(name)
+        rows = [{"method": m, "joint": 50.0 + i, "task_a": 60.0, "task_b": 70.0, "per_task_avg": 65.0}
+                for i, m in enumerate(["Task A", "Task B", "Ensemble", *[m.label for m in setting.methods]])]
+        text = _summary(setting, rows, [0], 400, "hetfuse experiment", SimpleNamespace(note=""))
+        for label, (joint, avg) in paper.items():
+            line = next(ln for ln in text.splitlines() if ln.startswith(f"| {label} |"))
+            assert line.endswith(f"| {joint} | {avg} |"), line
+
+
 def test_skill_transfer_methods_smoke(digits, tmp_path):
     from hetfuse.experiments import run_skill_methods
 

@@ -50,6 +50,10 @@ PAPER_TABLE1 = {
             "Homo Perm": (48.48, 79.41), "Homo Zip": (73.20, 89.95), "Perm + SMA": (46.83, 72.24),
             "Perm + LMA": (48.86, 76.17), "Zip + SMA": (70.17, 85.95), "Zip + LMA": (70.40, 86.15)},
 }
+# Heterogeneous-merging paper, Table III (width heterogeneity, CIFAR-100 50+50: another data set than ours):
+# the original ResNet26 x4 and x8 and their elastic zip; (joint, per-task avg)
+PAPER_TABLE3 = {"Task A": (40.88, 52.36), "Task B": (41.28, 52.66), "Elastic zip": (59.19, 70.79)}
+PAPER = {**PAPER_TABLE1, "width": PAPER_TABLE3}
 # ZipIt! (CIFAR-10 5+5, ResNet-20 x4, mean of 4 pairs): (joint, per-task avg)
 PAPER_ZIPIT = {"Task A": (48.2, 71.0), "Homo Avg": (43.0, 60.8), "Homo Perm": (58.4, 87.4),
                "Homo Zip": (79.1, 92.1), "Ensemble": (87.4, 96.6)}
@@ -88,7 +92,7 @@ class Setting:
     epochs: int
     recipe: dict
     methods: list[Method]
-    family: str = ""                           # key into PAPER_TABLE1
+    family: str = ""                           # key into PAPER (the paper's numbers beside ours)
     width_pair: tuple[str, str] | None = None  # (arch role on A, arch role on B) merged by elastic zipping
     note: str = ""
 
@@ -134,8 +138,10 @@ def settings(name: str, *, epochs: int | None = None, width: float | None = None
                        CIFAR10_SPLITS[:splits or 2], e, recipe,
                        [Method("Elastic zip", "hetero", "cla", "elastic-zip", {"width": "max"}),
                         Method("Elastic zip (min width)", "hetero", "cla", "elastic-zip", {"width": "min"}),
-                        Method("OT to the wider", "hetero", "cla", "ot-acts", {"target": 1})],
-                       note=cpu.format(w=f"{w} vs x{2 * w}", e=e) + "; the paper's Table III is on CIFAR-100 50+50")
+                        Method("OT to the wider", "hetero", "cla", "ot-acts", {"target": 1})], family="width",
+                       note=cpu.format(w=f"{w} vs x{2 * w}", e=e) + "; the paper's Table III is on CIFAR-100 50+50: its "
+                       "columns beside ours are its ResNet26 x4 (beside Task A), x8 (beside Task B) and their elastic "
+                       "zip, and our rows average both directions (narrow model on task A, then wide model on task A)")
     raise HetfuseError(f"unknown class-split setting {name!r}; known: mnist, cifar-resnet, cifar-vgg, width")
 
 
@@ -265,7 +271,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds) -> str:
     labels = list(dict.fromkeys(r["method"] for r in rows))
-    paper = PAPER_TABLE1.get(setting.family, {})
+    paper = PAPER.get(setting.family, {})
     lines = [f"# Class-split merging: {setting.name}", "",
              f"Data: {setting.dataset} ({ds.note or 'original files'}); tasks (A / B): " +
              "; ".join(f"{A} / {B}" for A, B in setting.splits) + f"; seeds {list(seeds)}. Models: " +
