@@ -139,9 +139,10 @@ def settings(name: str, *, epochs: int | None = None, width: float | None = None
                        [Method("Elastic zip", "hetero", "cla", "elastic-zip", {"width": "max"}),
                         Method("Elastic zip (min width)", "hetero", "cla", "elastic-zip", {"width": "min"}),
                         Method("OT to the wider", "hetero", "cla", "ot-acts", {"target": 1})], family="width",
-                       note=cpu.format(w=f"{w} vs x{2 * w}", e=e) + "; the paper's Table III is on CIFAR-100 50+50: its "
-                       "columns beside ours are its ResNet26 x4 (beside Task A), x8 (beside Task B) and their elastic "
-                       "zip, and our rows average both directions (narrow model on task A, then wide model on task A)")
+                       note=cpu.format(w=f"{w} vs x{2 * w}", e=e) + "; the paper's Table III is on CIFAR-100 "
+                       "50+50: its columns beside ours are its ResNet26 x4 (beside Task A), x8 (beside Task B) and "
+                       "their elastic zip, and our rows average both directions (narrow model on task A, then wide "
+                       "model on task A)")
     raise HetfuseError(f"unknown class-split setting {name!r}; known: mnist, cifar-resnet, cifar-vgg, width")
 
 
@@ -166,7 +167,8 @@ def train_task_model(setting: Setting, ds: Dataset, arch: str, classes: list[int
         model = model.to(memory_format=torch.contiguous_format)
         return model, {"history": hist, "head": head.to_dict(), "classes": list(classes), "arch": arch}
 
-    model, meta = cached_model(spec, train, prefix=f"{arch}-{ds.name}-{''.join(map(str, classes))}-s{seed}", cache=cache)
+    model, meta = cached_model(spec, train, prefix=f"{arch}-{ds.name}-{''.join(map(str, classes))}-s{seed}",
+                               cache=cache)
     return model, head
 
 
