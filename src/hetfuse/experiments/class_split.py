@@ -32,6 +32,7 @@ from ..data import Dataset, load_dataset
 from ..errors import HetfuseError
 from ..pipeline import prepare_fusion
 from ..train import OutputHead, ZIPIT_RECIPE, ensemble_task_metrics, model_task_metrics, train_model
+from ..train.heads import EMBED_SCALE
 from .common import cached_model, fmt_ms, mean_std, prepare_output, write_command
 
 COLUMNS = ["dataset", "arch_a", "arch_b", "pair", "direction", "classes_a", "classes_b", "method", "depth_align",
@@ -68,6 +69,25 @@ class Method:
     params: dict = field(default_factory=dict)
 
 
+def paper_grid() -> list[Method]:
+    """The rows of the heterogeneous-merging paper's Table I (homogeneous Avg / Perm / Zip; heterogeneous Perm and
+    Zip with SMA and LMA) plus CLAFusion: the CIFAR-10 tables, where each fusion of two CNNs costs ~30 s here."""
+    return [Method("Homo Avg", "homo", match="none"), Method("Homo Perm", "homo", match="perm-acts"),
+            Method("Homo Zip", "homo", match="zip"), Method("CLAFusion", "hetero", "cla", "ot-acts"),
+            Method("Perm + SMA", "hetero", "sma", "perm-acts"), Method("Perm + LMA", "hetero", "lma", "perm-acts"),
+            Method("Zip + SMA", "hetero", "sma", "zip"), Method("Zip + LMA", "hetero", "lma", "zip")]
+
+
+# With seeded random class embeddings (nearly orthogonal, unlike CLIP's text embeddings, whose pairwise cosines
+# are high) and the papers' scale 100, CIFAR-10 task models trained for a few epochs reach a low loss with
+# cosines of ~0.05: measured on VGG13 x0.125 after 6 epochs, 99.9% of every output is one class-independent
+# direction, an untrained class wins every joint prediction (joint accuracy 10.00) and every merge of two such
+# models predicts one class (per-task accuracy 20.0, chance). Scale 10 needs cosines of ~0.5 for the same loss:
+# after 2 epochs train accuracy 61.3 vs 36.8 at scale 100, joint accuracy 32.6 (the model's own classes win, as
+# with the papers' CLIP heads). The MNIST MLPs train well at 100 and keep it.
+CIFAR_EMBED_SCALE = 10.0
+
+
 def methods_grid(homogeneous: bool = True) -> list[Method]:
     """The rows: homogeneous baselines, CLAFusion, and every aligner x matcher on the heterogeneous pair."""
     rows = []
@@ -95,6 +115,7 @@ class Setting:
     family: str = ""                           # key into PAPER (the paper's numbers beside ours)
     width_pair: tuple[str, str] | None = None  # (arch role on A, arch role on B) merged by elastic zipping
     note: str = ""
+    embed_scale: float = EMBED_SCALE           # the embedding head's cosine scale (see CIFAR_EMBED_SCALE)
 
 
 def random_splits(num_classes: int, n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -124,14 +145,15 @@ def settings(name: str, *, epochs: int | None = None, width: float | None = None
     if name == "cifar-resnet":
         e = epochs or 15
         return Setting("cifar-resnet", "cifar10", {"a": f"resnet26:w={w}", "b": f"resnet50:w={w}"},
-                       CIFAR10_SPLITS[:splits or 2], e, recipe, methods_grid(), family="resnet",
-                       note=cpu.format(w=w, e=e) + "; shortcut projections are 1x1 convs (the public code: 3x3)")
+                       CIFAR10_SPLITS[:splits or 2], e, recipe, paper_grid(), family="resnet",
+                       note=cpu.format(w=w, e=e) + "; shortcut projections are 1x1 convs (the public code: 3x3)",
+                       embed_scale=CIFAR_EMBED_SCALE)
     if name == "cifar-vgg":
         wv = width if width is not None else 0.125
         e = epochs or 15
         return Setting("cifar-vgg", "cifar10", {"a": f"mvgg13:w={wv}", "b": f"mvgg19:w={wv}"},
-                       CIFAR10_SPLITS[:splits or 2], e, recipe, methods_grid(), family="vgg",
-                       note=cpu.format(w=wv, e=e))
+                       CIFAR10_SPLITS[:splits or 2], e, recipe, paper_grid(), family="vgg",
+                       note=cpu.format(w=wv, e=e), embed_scale=CIFAR_EMBED_SCALE)
     if name == "width":
         e = epochs or 15
         return Setting("width", "cifar10", {"a": f"resnet26:w={w}", "b": f"resnet26:w={2 * w}"},
@@ -142,7 +164,7 @@ def settings(name: str, *, epochs: int | None = None, width: float | None = None
                        note=cpu.format(w=f"{w} vs x{2 * w}", e=e) + "; the paper's Table III is on CIFAR-100 "
                        "50+50: its columns beside ours are its ResNet26 x4 (beside Task A), x8 (beside Task B) and "
                        "their elastic zip, and our rows average both directions (narrow model on task A, then wide "
-                       "model on task A)")
+                       "model on task A)", embed_scale=CIFAR_EMBED_SCALE)
     raise HetfuseError(f"unknown class-split setting {name!r}; known: mnist, cifar-resnet, cifar-vgg, width")
 
 
@@ -150,7 +172,7 @@ def train_task_model(setting: Setting, ds: Dataset, arch: str, classes: list[int
                      progress=False):
     from ..models import build_model
 
-    head = OutputHead("embed", ds.num_classes, classes)
+    head = OutputHead("embed", ds.num_classes, classes, scale=setting.embed_scale)
     idx = torch.nonzero(torch.isin(ds.y_train, torch.tensor(classes))).flatten()
     spec = {"kind": "class-split", "dataset": ds.name, "arch": arch, "classes": list(classes), "seed": int(seed),
             "epochs": setting.epochs, "head": head.to_dict(), **setting.recipe}
@@ -278,12 +300,18 @@ def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds) -> str
              f"Data: {setting.dataset} ({ds.note or 'original files'}); tasks (A / B): " +
              "; ".join(f"{A} / {B}" for A, B in setting.splits) + f"; seeds {list(seeds)}. Models: " +
              ", ".join(f"{k} = `{v}`" for k, v in setting.archs.items()) + f"; {setting.epochs} epochs" +
-             (f"; {setting.note}" if setting.note else "") + ". Every model has a 512-d embedding head scored by 100 x cosine against fixed, seeded "
-             "random class embeddings: the papers use CLIP text embeddings of the class names, which cannot be "
-             f"computed offline here. Fusion: {samples} alignment samples, 2000 repair samples (BN reset). Joint "
+             (f"; {setting.note}" if setting.note else "") + ". Every model has a 512-d embedding head scored by "
+             f"{setting.embed_scale:g} x cosine against fixed, seeded random class embeddings: the papers use CLIP "
+             "text embeddings of the class names, which cannot be computed offline here" +
+             ("" if setting.embed_scale == EMBED_SCALE else
+              f" (scale {setting.embed_scale:g}, not the papers' {EMBED_SCALE:g}: with nearly orthogonal random "
+              "embeddings and a few epochs, scale 100 leaves every output dominated by one class-independent "
+              "direction, an untrained class wins every joint prediction and every merge predicts one class; "
+              "measured, see CIFAR_EMBED_SCALE in hetfuse/experiments/class_split.py)") + f". Fusion: {samples} alignment samples, 2000 repair samples (BN reset). Joint "
              "accuracy = argmax over all classes; per-task = argmax over the task's classes on its images. Rows "
              "are mean ± std over the splits and both directions of the heterogeneous pair (arch a on task A + "
-             "arch b on task B, and the reverse); homogeneous rows use arch a on both tasks.", "",
+             "arch b on task B, and the reverse); homogeneous rows fuse two models of one arch, the arch on task A of "
+             "that direction (arch a, then arch b).", "",
              f"Command: `{cmd}`", "",
              "| method | joint | task A | task B | per-task avg | paper joint | paper per-task avg |",
              "|---|---|---|---|---|---|---|"]
