@@ -81,3 +81,15 @@ def test_cli_class_split_train_and_eval(tmp_path, capsys, monkeypatch):
     assert 0 <= fused["joint"] <= 100 and len(fused["tasks"]) == 2
     assert main(["train", "--arch", "mlp:8", "--dataset", "digits", "--classes", "1,2", "--split", "skill-a",
                  "--out", str(tmp_path / "x.safetensors"), "--quiet"]) == 1
+
+
+def test_train_embed_scale_is_recorded_and_checked(tmp_path):
+    from hetfuse.io.checkpoint import load_checkpoint
+
+    out = tmp_path / "a.safetensors"
+    assert main(["train", "--arch", "mlp:16", "--dataset", "digits", "--classes", "0,1,2", "--head", "embed",
+                 "--embed-scale", "10", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    _, meta = load_checkpoint(out)
+    assert meta["head"]["scale"] == 10.0 and meta["head"]["classes"] == [0, 1, 2]
+    assert main(["train", "--arch", "mlp:16", "--dataset", "digits", "--head", "embed", "--embed-scale", "0",
+                 "--epochs", "1", "--out", str(tmp_path / "b.safetensors"), "--quiet"]) == 1
