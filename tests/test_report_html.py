@@ -158,3 +158,14 @@ def test_experiment_report_renders(tmp_path):
     text = page.read_text()
     assert "<table>" in text and "fig4.png" in text and "hetfuse x" in text and "results.csv" in text
     _check_rendered(page, tmp_path, min_images=1)
+
+
+def test_an_experiment_page_links_a_fusion_report_it_holds_and_does_not_redraw_it(tmp_path):
+    (tmp_path / "summary.md").write_text("# An experiment\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    sub = tmp_path / "fusion_split0"
+    sub.mkdir()
+    (sub / "report.json").write_text(json.dumps({"mappings": [{"groups": [{"matrix": [[1.0, 0.0], [0.0, 1.0]]}]}]}))
+    (sub / "index.html").write_text("<html></html>")
+    text = write_experiment_report(tmp_path).read_text()
+    assert 'href="fusion_split0/index.html"' in text
+    assert not (sub / "alignment").exists()

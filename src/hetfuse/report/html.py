@@ -246,7 +246,14 @@ def write_experiment_report(folder: str | Path, title: str | None = None) -> Pat
         if str(sub) != ".":
             parts.append(f"<h2>{html.escape(str(sub))}</h2>")
         parts.append(markdown_to_html(s.read_text(), shift=1))
+    subreports = sorted(p.parent for p in folder.glob("*/report.json") if (p.parent / "index.html").is_file())
+    if subreports:  # e.g. a `hetfuse fuse --report` page of one pair: linked; it draws its own figures
+        parts += ["<h2>Fusion reports</h2>", "<ul>" + "".join(
+            f'<li><a href="{html.escape(d.name, quote=True)}/index.html">{html.escape(d.name)}</a></li>'
+            for d in subreports) + "</ul>"]
     for rep in sorted(folder.glob("report.json")) + sorted(folder.glob("*/report.json")):
+        if rep.parent in subreports:
+            continue
         try:
             data = json.loads(rep.read_text())
         except ValueError:
