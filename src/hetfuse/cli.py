@@ -315,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model", "cifar-resnet", "cifar-vgg",
                                     "skill-transfer-methods", "class-split-mnist", "class-split-cifar-resnet",
                                     "class-split-cifar-vgg", "class-split-width", "clafusion-table1",
-                                    "clafusion-table2", "clafusion-table3", "clafusion-table4"])
+                                    "clafusion-table2", "clafusion-table3", "clafusion-table4", "parents"])
     p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,3")
     p.add_argument("--out", required=True, help="output folder; one that already holds results needs --force")
     p.add_argument("--force", action="store_true", help="replace results already in --out")
@@ -335,6 +335,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", default="0.7,0.1",
                    help="clafusion-table4: distillation weights alpha, tried in this order (default 0.7,0.1; the "
                         "paper's grid is 0.05,0.1,0.5,0.7,0.95,0.99)")
+    p.add_argument("--only", default=None,
+                   help="parents: comma-separated entries to train (default: every entry, in order)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--quiet", action="store_true")
     return ap
@@ -841,6 +843,15 @@ def cmd_experiment(a) -> int:
                               run_multi_model, run_skill_methods, run_skill_transfer)
     from .experiments.common import command_line
 
+    if a.name == "parents":
+        from .experiments.parents import run_parents
+
+        only = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else None
+        for folder in run_parents(data_root=a.data_root, out_dir=a.out, only=only, progress=not a.quiet):
+            print(f"parent {folder.name}: {(folder / 'accuracy.json').read_text().strip()}")
+        return 0
+    if a.only is not None:
+        raise HetfuseError("--only belongs to the parents experiment")
     seeds = parse_seeds(a.seeds)
     kwargs = dict(data_root=a.data_root, seeds=seeds, out_dir=a.out, samples=a.samples, progress=not a.quiet,
                   force=a.force, command=command_line())

@@ -61,8 +61,8 @@ class FitSettings:
             raise HetfuseError(f"epochs and batch size must be at least 1, got {self.epochs}, {self.batch_size}")
         if self.schedule not in SCHEDULES:
             raise HetfuseError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
-        if not 0 < self.val_fraction < 1:
-            raise HetfuseError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.val_fraction < 1:
+            raise HetfuseError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if (self.temperature is None) != (self.alpha is None):
             raise HetfuseError("distillation needs both a temperature and alpha")
         if self.temperature is not None and not (self.temperature > 0 and 0 <= self.alpha <= 1):
@@ -86,7 +86,10 @@ def lr_at(step: int, total: int, base: float, schedule: str) -> float:
 
 
 def split_train_val(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training indices, held-out indices): the last ``fraction`` of a seeded permutation is held out."""
+    """(training indices, held-out indices): the last ``fraction`` of a seeded permutation is held out (none when
+    ``fraction`` is 0)."""
+    if fraction == 0:
+        return torch.arange(n), torch.zeros(0, dtype=torch.long)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     k = max(1, int(round(n * fraction)))
     return perm[:-k].sort().values, perm[-k:].sort().values
@@ -138,12 +141,15 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits_of) -> 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSettings, *, out: str | Path | None = None,
         teacher: nn.Module | None = None, head=None, progress: bool = True, resume: bool = True,
-        metadata: dict | None = None, save=None) -> FitResult:
+        metadata: dict | None = None, save=None, evaluate=None) -> FitResult:
     """Train ``model`` on ``(x, y)`` (see the module docstring); returns it with the weights of its best epoch.
     ``teacher``: distil from it (``settings.temperature``, ``settings.alpha``; both networks' outputs are
     logits over the same classes). ``head``: an :class:`~hetfuse.train.heads.OutputHead` whose training logits
     and targets the loss and the accuracies use (default: the outputs are the class logits).
-    ``save(model, path, metadata)`` writes a checkpoint (default :func:`hetfuse.io.save_model`)."""
+    ``save(model, path, metadata)`` writes a checkpoint (default :func:`hetfuse.io.save_model`).
+    ``evaluate(model)``: a dict of numbers added to each epoch's log line (e.g. test accuracy, for the record
+    only: it never chooses the epoch kept). With ``settings.val_fraction == 0`` nothing is held out and the last
+    epoch is kept."""
     from tqdm.auto import tqdm
 
     from ..data.augment import apply_crop_flip, crop_flip_params
@@ -242,9 +248,12 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
                 totals = torch.tensor([tot_loss, float(correct), float(seen)], dtype=torch.float64)
                 dist.all_reduce(totals)
                 tot_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
-            val = _accuracy(model, x_val, y_val, logits_of)
+            seconds = time.perf_counter() - t0
+            val = _accuracy(model, x_val, y_val, logits_of) if va.numel() else float(epoch)  # none held out: last
             rec = {"epoch": epoch, "loss": tot_loss / max(1, seen), "train_acc": 100.0 * correct / max(1, seen),
-                   "val_acc": val, "lr": lr, "seconds": time.perf_counter() - t0, "processes": world}
+                   "val_acc": val if va.numel() else float("nan"), "lr": lr, "seconds": seconds, "processes": world}
+            if evaluate is not None:
+                rec.update({k: float(v) for k, v in evaluate(model).items()})
             history.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{val:.2f}")
             if val > best_val:
@@ -254,7 +263,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
                 meta = dict(metadata or {}, fit=asdict(settings), best_epoch=best_epoch, best_val=best_val,
                             history=history)
                 if best_epoch == epoch:
-                    save(_contiguous(model), out, meta)
+                    save(_contiguous(model), out, dict(meta, best_val=best_val if va.numel() else None))
                 _write_log(_log_path(out), history)
                 _save_state(state_file, model, opt, epoch, best_val, best_epoch, history, best_state, asdict(settings))
     finally:

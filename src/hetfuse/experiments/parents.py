@@ -1,0 +1,225 @@
+"""Converged CIFAR-10 parents, trained once, committed under ``results/parents/`` and reused by the experiments.
+
+Each parent is one entry of :data:`PARENTS` (a name, an architecture, the classes it learns, its head, its recipe,
+its epochs and seed). ``hetfuse experiment parents --out results/parents [--only NAME,...]`` trains the entries in
+order, one after the other, and for each finished one writes ``results/parents/NAME/``:
+
+* ``model.safetensors`` — the weights (float32 where the file stays under 5 MB, else float16; loaded as float32),
+  with the architecture and head in its metadata (:func:`hetfuse.load_model` reads it, no code executed);
+* ``log.csv`` — per epoch: training loss and accuracy, learning rate, seconds, and test accuracy (recorded only:
+  the last epoch is kept whatever the test accuracy says);
+* ``command.txt`` — the command that trained it, the package version and git commit;
+* ``accuracy.json`` — the test accuracy of the stored weights as loaded (all classes, and for a class-split task
+  model its own classes and the joint accuracy).
+
+Training is resumable: the state after every finished epoch (weights, momentum, log) is kept under the cache root
+(``$HETFUSE_CACHE/parents/NAME.state.safetensors``) and the same command continues after the last finished epoch.
+:func:`load_parent` reads ``results/parents/NAME``; where that folder is missing it trains the entry with the same
+command (a cache miss).
+
+Recipe (measured in ``results/bench/parents_recipe``): SGD with Nesterov momentum 0.9, batch 128, one-cycle
+learning rate (peak 0.1·batch/128 after 30 % of the steps, cosine to peak/1e4), weight decay 5e-4, label smoothing
+0.1, random crop (zero padding 4) + horizontal flip; no test-time augmentation. One torch thread per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import HetfuseError
+
+# the public code's first two CIFAR-10 5+5 splits (class_split.CIFAR10_SPLITS)
+_SPLITS = [([6, 7, 3, 0, 5], [2, 8, 4, 9, 1]), ([8, 0, 6, 7, 4], [3, 5, 1, 2, 9])]
+RECIPE = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "batch_size": 128,
+          "schedule": "onecycle", "label_smoothing": 0.1, "augment": True}
+CLASS_SPLIT_EMBED_SCALE = 10.0  # as class_split.CIFAR_EMBED_SCALE (measured there)
+MAX_FP32_BYTES = 5_000_000
+
+
+@dataclass(frozen=True)
+class Parent:
+    name: str
+    arch: str
+    epochs: int
+    seed: int = 0
+    classes: tuple[int, ...] | None = None   # a class-split task model (embedding head over these classes)
+    dataset: str = "cifar10"
+    recipe: dict = field(default_factory=lambda: dict(RECIPE))
+
+    @property
+    def head(self) -> dict:
+        if self.classes is None:
+            return {"kind": "linear"}
+        return {"kind": "embed", "classes": list(self.classes), "scale": CLASS_SPLIT_EMBED_SCALE}
+
+
+def _class_split(arch_key: str, arch: str, epochs: int) -> list[Parent]:
+    out = []
+    for k, (a, b) in enumerate(_SPLITS):
+        for task, classes in (("A", a), ("B", b)):
+            out.append(Parent(f"cs{k}{task}-{arch_key}", arch, epochs, seed=100 * (task == "B"),
+                              classes=tuple(classes)))
+    return out
+
+
+# Training order: the depth pair of the class-split tables first (the most reused), then the full-data pairs.
+PARENTS: dict[str, Parent] = {p.name: p for p in [
+    *_class_split("resnet20", "resnet20:w=1", 30),
+    *_class_split("resnet32", "resnet32:w=1", 30),
+    Parent("full-resnet20", "resnet20:w=1", 40),
+    Parent("full-resnet32", "resnet32:w=1", 40),
+    *_class_split("vgg11", "vgg11:w=0.5,bn", 30),
+    *_class_split("vgg16", "vgg16:w=0.5,bn", 30),
+    Parent("full-vgg11", "vgg11:w=0.5,bn", 40),
+    Parent("full-vgg16", "vgg16:w=0.5,bn", 40),
+    *_class_split("resnet20x2", "resnet20:w=2", 30),
+]}
+
+
+def parents_dir(root: str | os.PathLike | None = None) -> Path:
+    """``results/parents`` of the checkout (or ``$HETFUSE_PARENTS``, or ``root``)."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("HETFUSE_PARENTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "results" / "parents"
+
+
+def _command(p: Parent) -> str:
+    return f"OMP_NUM_THREADS=1 hetfuse experiment parents --only {p.name} --out results/parents"
+
+
+def _build(p: Parent, ds):
+    from ..models import build_model
+    from ..train import OutputHead
+
+    head = None
+    if p.classes is not None:
+        head = OutputHead("embed", ds.num_classes, list(p.classes), scale=CLASS_SPLIT_EMBED_SCALE)
+    torch.manual_seed(p.seed)
+    model = build_model(p.arch, input_dim=ds.input_shape[0], output_dim=head.outputs if head else ds.num_classes,
+                        input_shape=ds.input_shape)
+    return model, head
+
+
+def _metrics(model, head, p: Parent, ds) -> dict:
+    from ..train import accuracy, model_task_metrics
+
+    if head is None:
+        return {"test_acc": accuracy(model, ds.x_test, ds.y_test)}
+    other = [c for c in range(ds.num_classes) if c not in p.classes]
+    m = model_task_metrics(model, head, ds.x_test, ds.y_test, [list(p.classes), other])
+    return {"test_acc_own": m["tasks"][0], "test_joint": m["joint"]}
+
+
+def train_parent(p: Parent, ds, *, out_root=None, progress: bool = True, command: str | None = None) -> Path:
+    """Train (or resume) one parent and write its folder (see the module docstring); returns the folder."""
+    from ..cache import cache_dir
+    from ..io import save_model
+    from ..train import FitSettings, fit
+    from .common import write_command
+
+    folder = parents_dir(out_root) / p.name
+    state_dir = cache_dir() / "parents"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    model, head = _build(p, ds)
+    x, y = ds.x_train, ds.y_train
+    if p.classes is not None:
+        idx = torch.nonzero(torch.isin(y, torch.tensor(p.classes))).flatten()
+        x, y = x[idx], y[idx]
+    r = p.recipe
+    settings = FitSettings(epochs=p.epochs, lr=r["lr"], momentum=r["momentum"], nesterov=r["nesterov"],
+                           weight_decay=r["weight_decay"], batch_size=r["batch_size"], schedule=r["schedule"],
+                           label_smoothing=r["label_smoothing"], augment=r["augment"], seed=p.seed, val_fraction=0.0)
+    t0 = time.perf_counter()
+    result = fit(model, x, y, settings, out=state_dir / f"{p.name}.safetensors", head=head, progress=progress,
+                 evaluate=lambda m: _metrics(m, head, p, ds),
+                 metadata={"parent": asdict(p)})
+    folder.mkdir(parents=True, exist_ok=True)
+    model = result.model.float().eval()
+    n_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
+    store = model if n_bytes <= MAX_FP32_BYTES else _half(model)
+    meta = {"parent": asdict(p), "head": p.head, "dtype": "float32" if store is model else "float16",
+            "epochs": p.epochs, "train_seconds_this_run": time.perf_counter() - t0}
+    save_model(store, folder / "model.safetensors", metadata=meta, force=True)
+    _write_log(folder / "log.csv", result.history)
+    write_command(folder, command or _command(p))
+    loaded, _ = load_parent(p.name, ds=ds, root=out_root, train_missing=False)
+    acc = _metrics(loaded, _build(p, ds)[1], p, ds)
+    acc.update(epochs=p.epochs, arch=p.arch, classes=list(p.classes) if p.classes else None, dtype=meta["dtype"],
+               train_seconds=sum(h["seconds"] for h in result.history))
+    (folder / "accuracy.json").write_text(json.dumps(acc, indent=2) + "\n")
+    return folder
+
+
+def _half(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    return m.half()
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    import csv
+
+    keys = list(dict.fromkeys(k for h in history for k in h))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for h in history:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in h.items()})
+
+
+def load_parent(name: str, *, ds=None, root=None, data_root=None, train_missing: bool = True, progress: bool = False):
+    """``(model, head)`` of a committed parent (float32, eval mode); ``head`` is an
+    :class:`~hetfuse.train.OutputHead` for a class-split task model, else ``None``. A missing folder is trained
+    (same command) when ``train_missing``."""
+    from ..io import load_model
+    from ..train import OutputHead
+
+    if name not in PARENTS:
+        raise HetfuseError(f"unknown parent {name!r}; known: {', '.join(PARENTS)}")
+    p = PARENTS[name]
+    path = parents_dir(root) / name / "model.safetensors"
+    if not path.is_file():
+        if not train_missing:
+            raise HetfuseError(f"parent {name} has no {path}")
+        if ds is None:
+            from ..data import load_dataset
+
+            ds = load_dataset(p.dataset, data_root)
+        train_parent(p, ds, out_root=root, progress=progress)
+    model = load_model(path).float().eval()
+    head = None
+    if p.classes is not None:
+        head = OutputHead("embed", 10, list(p.classes), scale=CLASS_SPLIT_EMBED_SCALE)
+    return model, head
+
+
+def run_parents(*, data_root=None, out_dir=None, only=None, progress: bool = True) -> list[Path]:
+    """Train every entry of :data:`PARENTS` (or those named in ``only``) whose folder is missing, in order."""
+    from ..data import load_dataset
+
+    names = list(PARENTS) if not only else list(only)
+    unknown = [n for n in names if n not in PARENTS]
+    if unknown:
+        raise HetfuseError(f"unknown parent(s) {', '.join(unknown)}; known: {', '.join(PARENTS)}")
+    ds = None
+    done = []
+    for n in names:
+        folder = parents_dir(out_dir) / n
+        if (folder / "model.safetensors").is_file() and (folder / "accuracy.json").is_file():
+            done.append(folder)
+            continue
+        if ds is None:
+            ds = load_dataset(PARENTS[n].dataset, data_root)
+        print(f"training parent {n} ({PARENTS[n].arch}, {PARENTS[n].epochs} epochs)", flush=True)
+        done.append(train_parent(PARENTS[n], ds, out_root=out_dir, progress=progress))
+    return done
