@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HetfuseError
+from .memory_format import use_channels_last
 
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 
@@ -188,7 +189,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
     if world > 1:  # every process continues from rank 0's state (the others may not see its files)
         start, best_val, best_epoch, history, best_state = _broadcast_state(
             model, opt, (start, best_val, best_epoch, history, best_state))
-    if settings.channels_last:
+    channels_last = use_channels_last(settings.channels_last, model)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     net = model
     if world > 1:
@@ -222,7 +224,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
                 if params is not None:
                     xb = apply_crop_flip(xb, tuple(p[mine] for p in params))
                 xb, yb = xb.to(dev), yb.to(dev)
-                if settings.channels_last and xb.dim() == 4:
+                if channels_last and xb.dim() == 4:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 lr = lr_at((epoch - 1) * steps_per_epoch + step, total, settings.lr, settings.schedule)
                 for group in opt.param_groups:
@@ -268,7 +270,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
                 _save_state(state_file, model, opt, epoch, best_val, best_epoch, history, best_state, asdict(settings))
     finally:
         bar.close()
-        if settings.channels_last:
+        if channels_last:
             model.to(memory_format=torch.contiguous_format)
     if best_state is not None:
         model.load_state_dict(best_state)

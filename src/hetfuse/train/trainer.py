@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data.augment import random_crop_flip
 from ..errors import HetfuseError
+from .memory_format import use_channels_last
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -66,7 +67,8 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
       (an embed head: scale × cosine over the model's own classes).
     * ``label_smoothing``: passed to ``F.cross_entropy``.
     * ``nesterov``: Nesterov momentum (needs ``momentum > 0``).
-    * ``channels_last``: model and 4-D batches in ``torch.channels_last`` memory format.
+    * ``channels_last``: model and 4-D batches in ``torch.channels_last`` memory format, where that is safe on
+      this processor (:mod:`hetfuse.train.memory_format`; elsewhere ignored, with one warning).
     * ``max_batches``: stop after this many optimiser steps in all (for timing); the statistics of
       the last, partial epoch cover the examples it saw. The schedule still spans the full run.
     * ``record_time``: add ``seconds`` (wall time of the epoch's batches), ``batches`` and ``lr``
@@ -94,6 +96,7 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     y = y.long()
     if head is not None:
         y = head.train_targets(y)
+    channels_last = use_channels_last(channels_last, model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
