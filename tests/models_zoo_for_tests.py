@@ -123,6 +123,46 @@ class ResidualMLP(nn.Module):
         return self.head(h)
 
 
+class PreActBlock(nn.Module):
+    """The pre-activation BasicBlock (He et al. 2016, as the popular CIFAR files write it): BN-ReLU-conv twice, the
+    projection shortcut reading the pre-activated input, no activation after the addition."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """A pre-activation CIFAR ResNet: a bare stem conv, pre-activation stages, a final BN-ReLU, pooling, Linear."""
+
+    def __init__(self, blocks=(1, 2), width=8, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.layer1 = nn.Sequential(*[PreActBlock(width, width) for _ in range(blocks[0])])
+        self.layer2 = nn.Sequential(PreActBlock(width, 2 * width, 2),
+                                    *[PreActBlock(2 * width, 2 * width) for _ in range(blocks[1] - 1)])
+        self.bn = nn.BatchNorm2d(2 * width)
+        self.linear = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        out = self.layer2(self.layer1(self.conv1(x)))
+        out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1)
+        return self.linear(out.flatten(1))
+
+
 def bn1d_mlp(widths=(10, 8), d_in=12, d_out=4):
     layers, c = [], d_in
     for w in widths:

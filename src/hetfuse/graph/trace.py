@@ -216,13 +216,19 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
                      if getattr(mod, n, None) is not None]
             spaces[s].members.extend(ParamAxis(f"{node.target}.{n}", 0, "out") for n in names)
             spaces[s].norms.append(node.target)
-            # the stream/layer is now read after this normalisation
-            if node.args[0].name in spaces[s].act_nodes:
-                spaces[s].act_nodes[spaces[s].act_nodes.index(node.args[0].name)] = node.name
-            else:
-                spaces[s].act_nodes.append(node.name)
-            if spaces[s].act_module == spaces[s].producers[-1]:
-                spaces[s].act_module = node.target
+            src = node.args[0]
+            post_norm = (src.op == "call_module" and isinstance(modules.get(src.target), (nn.Linear, nn.Conv2d))
+                         and len(src.users) == 1)
+            if post_norm:
+                # a layer's own normalisation (conv -> BN): the layer is now read after it
+                if src.name in spaces[s].act_nodes:
+                    spaces[s].act_nodes[spaces[s].act_nodes.index(src.name)] = node.name
+                else:
+                    spaces[s].act_nodes.append(node.name)
+                if spaces[s].act_module == spaces[s].producers[-1]:
+                    spaces[s].act_module = node.target
+            # else a pre-activation norm (BN -> ReLU -> conv) of a value used elsewhere too, e.g. a residual
+            # stream: its entries move with the space, but the space is still read where it is formed
             vals[node] = _Val(v.space, spatial=v.spatial, hw=v.hw)
             module_records.append((node.target, "norm", node.name, v.space, v.space))
         elif isinstance(mod, _ACT_MODULES) or (node.op == "call_function" and node.target in _ACT_FUNCTIONS) or \
@@ -239,10 +245,9 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
             if out_hw is None:
                 size = getattr(mod, "output_size", None) if mod is not None else \
                     (node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"))
-                if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or \
-                        node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-                    if size in (1, (1, 1), [1, 1]):
-                        out_hw = 1
+                if (isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or \
+                        node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)) and size in (1, (1, 1), [1, 1]):
+                    out_hw = 1
             vals[node] = _Val(v.space, spatial=True, hw=out_hw)
         elif isinstance(mod, nn.Flatten) or (node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS) or \
                 (node.op == "call_method" and node.target in _FLATTEN_METHODS):
@@ -275,9 +280,11 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
                 parent[drop] = keep
                 ra = keep
             spaces[ra].stream = True
-            # a stream is read where it is formed: drop the operands' read points, keep the sum
+            # a stream is read where it is formed: drop the read points of operands that only feed this sum (a
+            # branch's last layer, a projection shortcut), keep the sum; an operand used elsewhere too is itself a
+            # point where the stream is formed (a pre-activation block's input: the stem output, an earlier sum)
             for operand in node.args[:2]:
-                if operand.name in spaces[ra].act_nodes:
+                if operand.name in spaces[ra].act_nodes and len(operand.users) == 1:
                     spaces[ra].act_nodes.remove(operand.name)
             spaces[ra].act_nodes.append(node.name)
             vals[node] = _Val(ra, spatial=a.spatial, hw=a.hw if a.hw is not None else b.hw)
@@ -318,14 +325,14 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
         mod = modules[name]
         present = [k for k, _ in mod.named_parameters(recurse=False)] + \
             [k for k, b in mod.named_buffers(recurse=False) if b is not None]
-        order = [k for k in mod.state_dict().keys() if k in present]
+        order = [k for k in mod.state_dict() if k in present]
         infos.append(ModuleInfo(name, kind, node_name, hidden_index(i_in), hidden_index(i_out), order))
     first = modules[layer_order[0]]
     input_dim = first.in_features if isinstance(first, nn.Linear) else first.in_channels
     order = {name: k for k, name in enumerate(layer_order)}
     chain = len(hidden) == len(layer_order) - 1 and all(
         not s.stream and len(consumers[i]) == 1 and order[consumers[i][0]] == order[s.producers[0]] + 1
-        for i, s in zip(roots, hidden))
+        for i, s in zip(roots, hidden, strict=False))
     return NetworkGraph(spaces=hidden, input_dim=input_dim, output_dim=out_space.size, chain=chain,
                         layer_modules=layer_order,
                         conv=any(s.kind == "conv" for s in hidden), modules=infos, gm=gm)
