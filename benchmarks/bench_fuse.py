@@ -69,7 +69,7 @@ def run_case(case: dict, repeats: int, cheap_s: float) -> dict:
 
     runs = []
     t_first = None
-    for r in range(repeats):
+    for _r in range(repeats):
         t0 = time.perf_counter()
         extra = {"reg": 0.01} if case["solver"] == "sinkhorn" else {}
         res = hetfuse.fuse(models, x, balance=case["balance"], match="ot-acts", samples=400,

@@ -118,10 +118,13 @@ def main() -> None:
 
 
 def _markdown(path: Path, records: list[dict], command: str) -> None:
-    lines = ["# Matchers and depth aligners: time and peak memory", "", f"Command: `{command}` ({os.cpu_count()} CPUs). "
+    lines = ["# Matchers and depth aligners: time and peak memory", "",
+             f"Command: `{command}` ({os.cpu_count()} CPUs). "
              "Random networks, 500 samples, repair off; `depth` = unit activations + similarity + dynamic program + "
-             "balancing; `match` = activation statistics + the matcher. `load` = 1-minute load average before the case.",
-             "", "| case | total s | depth s | match s | apply maps s | peak RSS MiB | load |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "balancing; `match` = activation statistics + the matcher. "
+             "`load` = 1-minute load average before the case.",
+             "", "| case | total s | depth s | match s | apply maps s | peak RSS MiB | load |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         if r.get("status") != "ok":
             lines.append(f"| {r['case']} | **{r.get('status')}** | | | | | {r.get('load_1m_before', 0):.1f} |")

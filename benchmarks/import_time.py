@@ -64,12 +64,14 @@ def main() -> None:
               "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "repeats": a.repeats,
               "times": rows, "hetfuse_over_torch_s": extra}
     (out / "import_time.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["# Import and process times" + (f" ({a.label})" if a.label else ""), "", f"Command: `python {record['command']}`; {a.repeats} fresh processes "
+    lines = ["# Import and process times" + (f" ({a.label})" if a.label else ""), "",
+             f"Command: `python {record['command']}`; {a.repeats} fresh processes "
              f"each; {record['machine']['cpus']} CPUs, Python {record['machine']['python']}.", "",
              "| what | median (s) | min (s) |", "|---|---|---|"]
     lines += [f"| {k} | {v['median_s']:.2f} | {v['min_s']:.2f} |" if v["median_s"] is not None
               else f"| {k} | n/a (failed: {' '.join(v['error'])}) | |" for k, v in rows.items()]
-    lines += ["", f"`import hetfuse` with the fusion API costs {extra:+.2f} s over `import torch` (goal: at most +0.5 s)."]
+    lines += ["", f"`import hetfuse` with the fusion API costs {extra:+.2f} s over `import torch` "
+              "(goal: at most +0.5 s)."]
     (out / "import_time.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

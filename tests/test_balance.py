@@ -57,7 +57,7 @@ def _constant_sign_deep(seed, widths, bias):
     g = torch.Generator().manual_seed(seed)
     model = MLP(4, widths, 3, bias=bias)
     with torch.no_grad():
-        for i, lin in enumerate(model.linears()[:-1]):
+        for _i, lin in enumerate(model.linears()[:-1]):
             sign = torch.where(torch.rand(lin.out_features, 1, generator=g) < 0.7, 1.0, -1.0)
             lin.weight.copy_(sign * torch.rand(lin.weight.shape, generator=g))  # rows all >= 0 or all <= 0
             if lin.bias is not None:

@@ -47,7 +47,7 @@ def _brute(cost, ff, fl):
 def _check_valid(a, m, n, ff, fl):
     assert len(a) == n
     assert all(0 <= i < m for i in a)
-    assert all(x < y for x, y in zip(a, a[1:]))
+    assert all(x < y for x, y in zip(a, a[1:], strict=False))
     if ff:
         assert a[0] == 0
     if fl:

@@ -240,11 +240,11 @@ def test_repair_of_a_batchnorm_free_resnet_corrects_the_block_layers(x):
     g = describe(fused)
     stats = prep.parent_stats()
     acts = layer_activations(fused, g, prep.samples)
-    inner = [l for l, s in enumerate(g.spaces) if not s.stream]
+    inner = [layer for layer, s in enumerate(g.spaces) if not s.stream]
     assert inner
-    for l in inner:
-        mean = 0.4 * stats[0][l][0] + 0.6 * stats[1][l][0]
-        torch.testing.assert_close(acts[l].mean(0), mean, rtol=1e-3, atol=1e-4)
+    for layer in inner:
+        mean = 0.4 * stats[0][layer][0] + 0.6 * stats[1][layer][0]
+        torch.testing.assert_close(acts[layer].mean(0), mean, rtol=1e-3, atol=1e-4)
 
 
 def test_repaired_bias_free_cnns_save_and_load(tmp_path, x):

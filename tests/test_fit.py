@@ -46,7 +46,7 @@ def test_schedules_stay_within_the_peak_and_end_low(schedule):
     else:
         assert lrs[-1] < 0.02 * base
     if schedule == "cosine":
-        assert lrs[0] == base and all(a >= b for a, b in zip(lrs, lrs[1:]))
+        assert lrs[0] == base and all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     if schedule == "step":
         assert lrs[499] == base and math.isclose(lrs[500], base * 0.1) and math.isclose(lrs[750], base * 0.01)
     if schedule == "onecycle":
@@ -94,7 +94,7 @@ def test_fit_keeps_the_best_epoch_and_logs_every_epoch(tmp_path):
     assert res.best_val == max(h["val_acc"] for h in res.history)
     assert res.history[res.best_epoch - 1]["val_acc"] == res.best_val
     saved, meta = load_checkpoint(out, base=_mlp())
-    for a, b in zip(saved.state_dict().values(), res.model.state_dict().values()):
+    for a, b in zip(saved.state_dict().values(), res.model.state_dict().values(), strict=False):
         assert torch.equal(a, b)
     assert meta["best_epoch"] == res.best_epoch
     log = (tmp_path / "m.log.csv").read_text().splitlines()
@@ -135,7 +135,7 @@ def test_an_interrupted_fit_resumes_to_the_same_weights(tmp_path, monkeypatch):
     resumed = fit(_mlp(seed=99), x, y, s, out=out, progress=False)  # other initial weights: the state wins
     assert resumed.resumed_from == 2
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
-    for p, q in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+    for p, q in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=False):
         assert torch.allclose(p, q, atol=1e-6)
     with pytest.raises(HetfuseError, match="other settings"):
         fit(_mlp(), x, y, FitSettings(epochs=5, lr=0.05, batch_size=32, seed=3), out=out, progress=False)
@@ -230,5 +230,5 @@ def test_two_process_ddp_finetune_equals_one_process_and_only_rank_0_writes(tmp_
     for k, v in a.state_dict().items():
         assert torch.allclose(v, b.state_dict()[k], atol=1e-5), k
     assert len(meta_a["history"]) == len(meta_b["history"]) == 2
-    for r1, r2 in zip(meta_a["history"], meta_b["history"]):
+    for r1, r2 in zip(meta_a["history"], meta_b["history"], strict=False):
         assert r1["val_acc"] == r2["val_acc"] and r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)

@@ -97,9 +97,9 @@ def test_repair_matches_the_interpolated_statistics_layer_by_layer():
     stats = prep.parent_stats()
     fused = prep.combine([0.3, 0.7], repair=True)
     plain = prep.combine([0.3, 0.7], repair=False)
-    for l, acts in enumerate(layer_activations(fused, describe(fused), prep.samples)):
-        mean = 0.3 * stats[0][l][0] + 0.7 * stats[1][l][0]
-        std = 0.3 * stats[0][l][1] + 0.7 * stats[1][l][1]
+    for layer, acts in enumerate(layer_activations(fused, describe(fused), prep.samples)):
+        mean = 0.3 * stats[0][layer][0] + 0.7 * stats[1][layer][0]
+        std = 0.3 * stats[0][layer][1] + 0.7 * stats[1][layer][1]
         assert torch.allclose(acts.mean(0), mean, atol=1e-4)
         assert torch.allclose(acts.std(0, unbiased=False), std, atol=1e-4)
     # averaging two different networks shrinks the variance; repair brings it back

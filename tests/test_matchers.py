@@ -53,7 +53,7 @@ def _widened(narrow: MLP) -> MLP:
     lins = narrow.linears()
     wide = MLP(narrow.input_dim, [2 * h for h in narrow.hidden], narrow.output_dim, bias=True)
     with torch.no_grad():
-        for k, (src, dst) in enumerate(zip(lins, wide.linears())):
+        for k, (src, dst) in enumerate(zip(lins, wide.linears(), strict=False)):
             w = src.weight
             if k > 0:  # consumes a duplicated layer: both copies of each column, halved
                 w = torch.cat([w, w], dim=1) / 2

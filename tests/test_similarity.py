@@ -110,16 +110,16 @@ def test_wasserstein_errors():
 def test_weights_cost_invariant_to_row_and_column_permutations():
     rng = np.random.default_rng(5)
     w1, w2 = rng.standard_normal((6, 4)), rng.standard_normal((3, 7))
-    base = layer_cost_matrix([LayerRep(6, weight=w1)], [LayerRep(3, weight=w2)], "weights")[0, 0]
+    base = float(layer_cost_matrix([LayerRep(6, weight=w1)], [LayerRep(3, weight=w2)], "weights")[0, 0])
     assert 0 < base <= 1
     p1, p2 = rng.permutation(6), rng.permutation(3)
     c = layer_cost_matrix(
         [LayerRep(6, weight=torch.tensor(w1[p1]))], [LayerRep(3, weight=w2[p2][:, ::-1].copy())], "weights"
     )[0, 0]
-    assert c == pytest.approx(base, abs=1e-12)
+    assert float(c) == pytest.approx(base, abs=1e-12)
     # scale invariant (cosine), and same spectrum -> zero
     c2 = layer_cost_matrix([LayerRep(6, weight=3 * w1)], [LayerRep(6, weight=w1[p1])], "weights")[0, 0]
-    assert c2 == pytest.approx(0.0, abs=1e-12)
+    assert float(c2) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_weights_conv_kernels_flattened():

@@ -124,8 +124,8 @@ def test_missing_data_is_one_line_with_details_on_request(pair, tmp_path, capsys
 
 def test_flags_that_would_be_ignored_are_refused(pair, tmp_path, capsys):
     d, a, b = pair
-    assert main(["fuse", str(a), str(b), "--dataset", "digits", "--reg", "0.1", "--out", str(tmp_path / "x.safetensors"),
-                 "--quiet"]) == 1
+    assert main(["fuse", str(a), str(b), "--dataset", "digits", "--reg", "0.1",
+                 "--out", str(tmp_path / "x.safetensors"), "--quiet"]) == 1
     assert "sinkhorn" in capsys.readouterr().err
     assert main(["eval", str(a), str(b), "--dataset", "digits", "--weights", "0.5,0.5"]) == 1
     assert "--ensemble" in capsys.readouterr().err

@@ -77,9 +77,9 @@ def test_user_models_save_and_load(kind, tmp_path):
         res = fuse([shallow, deep], data, samples=24, target=target, weights=[0.4, 0.6])
         path = save_model(res.model, tmp_path / f"{kind}{target}.safetensors")
         fresh = type(deep)() if kind != "mlp-bn1d" else nn.Sequential()
-        base = {"vgg": lambda: UserVGG((8, 8, "M", 16, 16, "M") if target else (8, "M", 16, "M")),
-                "resnet": lambda: UserResNet((2, 3) if target else (1, 2)),
-                "mlp-bn1d": lambda: bn1d_mlp((10, 10, 8) if target else (10, 8))}[kind]()
+        base = {"vgg": lambda target=target: UserVGG((8, 8, "M", 16, 16, "M") if target else (8, "M", 16, "M")),
+                "resnet": lambda target=target: UserResNet((2, 3) if target else (1, 2)),
+                "mlp-bn1d": lambda target=target: bn1d_mlp((10, 10, 8) if target else (10, 8))}[kind]()
         loaded = load_model(path, base=base)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), res.model(x))
@@ -112,8 +112,8 @@ def test_a_checkpoint_whose_metadata_disagrees_with_its_tensors_is_refused_befor
     state = m.state_dict()
     for meta in (
         {"format": "hetfuse", "hetfuse_version": "0", "arch": json.dumps(dict(m.arch(), hidden=[200_000_000]))},
-        {"format": "hetfuse", "hetfuse_version": "0.2", "base": json.dumps({"zoo": dict(m.arch(), hidden=[200_000_000])}),
-         "edits": "[]"},
+        {"format": "hetfuse", "hetfuse_version": "0.2",
+         "base": json.dumps({"zoo": dict(m.arch(), hidden=[200_000_000])}), "edits": "[]"},
         {"format": "hetfuse", "hetfuse_version": "0.2", "base": json.dumps({"zoo": m.arch()}),
          "edits": json.dumps([{"op": "replace_module", "target": "layers.1",
                                "module": {"type": "Linear", "args": {"in_features": 784,

@@ -378,7 +378,7 @@ def _check_dims(models, ds, paths, metas=None) -> None:
     from .graph import describe
     from .multihead import MultiHead
 
-    for k, (m, p) in enumerate(zip(models, paths)):
+    for k, (m, p) in enumerate(zip(models, paths, strict=False)):
         head = _head(metas[k] if metas else {}, ds)
         if isinstance(m, MultiHead):
             m = m.heads[0]
@@ -542,7 +542,7 @@ def _fusion_accuracy(paths, models, metas, fused, head_meta: dict, ds, weights) 
     tasks = tasks if split else [list(range(ds.num_classes))]
     x, y = ds.x_test, ds.y_test
     rows = []
-    for p, m, h, meta in zip(paths, models, heads, metas):
+    for p, m, h, meta in zip(paths, models, heads, metas, strict=False):
         r = model_task_metrics(m, h, x, y, tasks, meta.get("head_classes"))
         rows.append([p, r["joint"], *r["tasks"], r["per_task_avg"]] if split else [p, r["joint"]])
     w = normalize_weights(weights, len(models))
@@ -567,7 +567,8 @@ def _fused_head(metas: list[dict], ds, paths) -> dict:
     heads = [_head(m, ds) for m in metas]
     keys = {(h.kind, h.dim, h.seed, h.scale) if h.kind == "embed" else ("linear",) for h in heads}
     if len(keys) > 1:
-        raise HetfuseError(f"the checkpoints score their outputs differently ({', '.join(h.kind for h in heads)} heads, "
+        kinds = ", ".join(h.kind for h in heads)
+        raise HetfuseError(f"the checkpoints score their outputs differently ({kinds} heads, "
                            f"{paths}): fuse models that share their output space")
     classes = None if any(h.classes is None for h in heads) else sorted({c for h in heads for c in h.classes})
     head = dict(heads[0].to_dict(), classes=classes)
@@ -768,11 +769,12 @@ def cmd_eval(a) -> int:
     if a.ensemble:
         ens = ensemble_accuracy(models, weights, ds.x_test, ds.y_test)
     if a.json:
-        print(json.dumps({"dataset": a.dataset, "models": [{"path": p, "accuracy": acc} for p, acc in zip(a.models, accs)],
+        rows = [{"path": p, "accuracy": acc} for p, acc in zip(a.models, accs, strict=True)]
+        print(json.dumps({"dataset": a.dataset, "models": rows,
                           "ensemble": None if ens is None else {"weights": weights, "accuracy": ens}}))
     else:
         width = max(len(p) for p in a.models)
-        for p, acc in zip(a.models, accs):
+        for p, acc in zip(a.models, accs, strict=False):
             print(f"{p:<{width}}  {acc:6.2f}%")
         if ens is not None:
             print(f"{'ensemble':<{width}}  {ens:6.2f}%  (weights {weights})")
@@ -786,7 +788,7 @@ def _eval_tasks(a, models, metas, ds) -> int:
     heads = [_head(m, ds) for m in metas]
     x = ds.x_test
     rows = [dict(path=p, **model_task_metrics(m, h, x, ds.y_test, tasks, meta.get("head_classes")))
-            for p, m, h, meta in zip(a.models, models, heads, metas)]
+            for p, m, h, meta in zip(a.models, models, heads, metas, strict=False)]
     ens = None
     if a.ensemble:
         if a.weights is not None:

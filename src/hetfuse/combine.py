@@ -66,10 +66,7 @@ def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph]
         out_axis.append(producing[0][1].axis if producing else None)
         for i in range(k):
             key = slot.keys[i]
-            if key is None:
-                t = _missing_tensor(graphs[i], slot, states[i])
-            else:
-                t = states[i][key]
+            t = _missing_tensor(graphs[i], slot, states[i]) if key is None else states[i][key]
             if not t.is_floating_point():
                 if i == target:
                     integer[si] = t
@@ -139,7 +136,7 @@ def fused_skeleton(model: nn.Module, graph: NetworkGraph, slots: list[ParamSlot]
     one (each change recorded as a ``replace_module`` edit)."""
     from .graph.rewrite import editable_copy
 
-    needs_change = any(w != sp.size for w, sp in zip(widths, graph.spaces)) or \
+    needs_change = any(w != sp.size for w, sp in zip(widths, graph.spaces, strict=False)) or \
         any(slot.keys[target] is None for slot in slots)
     out = editable_copy(model) if needs_change else copy.deepcopy(model)
     if not needs_change:
@@ -188,7 +185,7 @@ def load_fused(skeleton: nn.Module, slots: list[ParamSlot], target: int, tensors
     model = copy.deepcopy(skeleton)
     ref = model.state_dict()
     state = {}
-    for slot, t in zip(slots, tensors):
+    for slot, t in zip(slots, tensors, strict=False):
         key = f"{graph.modules[slot.module].name}.{slot.param}"
         if key not in ref:
             raise HetfuseError(f"the fused network has no tensor {key}")

@@ -138,7 +138,7 @@ class FusionConfig:
     def repair(self) -> str:
         return self.stages["repair"].method
 
-    def replace(self, **changes) -> "FusionConfig":
+    def replace(self, **changes) -> FusionConfig:
         """A copy with some options changed (same rules as the constructor)."""
         d = self.to_dict()
         run = {k: d[k] for k in ("weights", "target", "samples", "repair_samples", "seed")}
@@ -165,7 +165,7 @@ class FusionConfig:
 
     # ----------------------------------------------------------------------------------- checks
 
-    def validate(self, n_models: int | None = None) -> "FusionConfig":
+    def validate(self, n_models: int | None = None) -> FusionConfig:
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2:
             raise HetfuseError(f"samples must be an integer >= 2, got {self.samples!r}")
         if isinstance(self.repair_samples, bool) or not isinstance(self.repair_samples, int) or \
@@ -198,7 +198,7 @@ class FusionConfig:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FusionConfig":
+    def from_dict(cls, d: dict) -> FusionConfig:
         """Read a configuration written by :meth:`to_dict`, or a version-1 (flat) one of hetfuse 0.1."""
         if not isinstance(d, dict):
             raise HetfuseError(f"a fusion configuration must be a JSON object, got {type(d).__name__}")
@@ -212,7 +212,7 @@ class FusionConfig:
         return cls._from_flat(d)
 
     @classmethod
-    def _from_flat(cls, d: dict) -> "FusionConfig":
+    def _from_flat(cls, d: dict) -> FusionConfig:
         known = {"weights", "target", "samples", "seed", "progress", "repair", "extra",
                  *_LEGACY_STAGE_KEYS, *_LEGACY_PARAMS}
         unknown = sorted(set(d) - known)

@@ -89,7 +89,7 @@ class PreparedFusion:
         k = self.match.info["zip_until"]
         trunk = apply_edit(editable_copy(fused), {"op": "truncate", "at": cut_node(self.graph, k)})
         heads = []
-        for i, (m, g) in enumerate(zip(self.balanced, self.balanced_graphs)):
+        for i, (m, g) in enumerate(zip(self.balanced, self.balanced_graphs, strict=False)):
             cut = cut_node(g, k)
             s = next(s for s, sp in enumerate(g.spaces) if cut in _reads(g, sp))
             labels = self.match.maps[i][s].inn.argmax(1)

@@ -34,7 +34,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "repair": ("hetfuse.repair", "statistics repair"),
 }
 
-_REGISTRY: dict[str, dict[str, type["Method"]]] = {f: {} for f in FAMILIES}
+_REGISTRY: dict[str, dict[str, type[Method]]] = {f: {} for f in FAMILIES}
 
 
 @dataclass
@@ -182,9 +182,8 @@ def _conforms(value, ann) -> tuple[bool, Any]:
         elif a is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 return True, float(value)
-        elif a is str:
-            if isinstance(value, str):
-                return True, value
+        elif a is str and isinstance(value, str):
+            return True, value
     return False, value
 
 

@@ -65,7 +65,7 @@ def deepen(model: nn.Module, like: nn.Module, data, *, config: FusionConfig | No
     counts = [[len(g.units) for g in depth_groups(gr)] for gr in graphs]
     if len(counts[0]) != len(counts[1]):
         raise HetfuseError(f"the networks have different depth groups ({len(counts[0])} vs {len(counts[1])})")
-    if any(a > b for a, b in zip(*counts)):
+    if any(a > b for a, b in zip(*counts, strict=False)):
         raise HetfuseError(f"deepen adds layers, but the model has more units than the reference in some group "
                            f"(units per group: {counts[0]} vs {counts[1]})")
     balanced, _, depth = balance_depths(models, graphs, x, x_repair, config, target=1)
@@ -105,7 +105,7 @@ def _aligned_pairs(src: NetworkGraph, dst: NetworkGraph, alignment: list[list[in
     pairs = []
     outside_a = [n for n, w in a if w is None]
     outside_b = [n for n, w in b if w is None]
-    pairs.extend(zip(outside_a, outside_b))
+    pairs.extend(zip(outside_a, outside_b, strict=False))
     by_unit_b: dict[tuple[int, int], list[str]] = {}
     for n, w in b:
         if w is not None:
@@ -116,7 +116,7 @@ def _aligned_pairs(src: NetworkGraph, dst: NetworkGraph, alignment: list[list[in
             by_unit_a.setdefault(w, []).append(n)
     for (g, u), names in by_unit_a.items():
         target = by_unit_b.get((g, alignment[g][u]), [])
-        pairs.extend(zip(names, target))
+        pairs.extend(zip(names, target, strict=False))
     order = {n: i for i, (n, _) in enumerate(b)}
     return sorted(pairs, key=lambda p: order[p[1]])
 
@@ -186,7 +186,7 @@ def transfer(src: nn.Module, dst: nn.Module, data=None, *, mapping: str = "chain
         counts = [[len(gr.units) for gr in g] for g in groups]
         if len(counts[0]) != len(counts[1]):
             raise HetfuseError(f"the networks have different depth groups ({len(counts[0])} vs {len(counts[1])})")
-        if any(a > b for a, b in zip(*counts)):
+        if any(a > b for a, b in zip(*counts, strict=False)):
             raise HetfuseError(f"the CLA mapping transfers a shallower network into a deeper one; units per group: "
                                f"SRC {counts[0]}, DST {counts[1]}")
         check_group_pairing(groups)

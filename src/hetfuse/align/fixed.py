@@ -38,6 +38,7 @@ class Fixed(DepthAligner):
         # the entries of this group are those that fall inside its deep positions [offset, offset + m)
         inside = [v - offset for v in mapping if offset <= v < offset + m]
         if len(inside) != n:
-            raise HetfuseError(f"mapping {mapping} places {len(inside)} units in deep positions {offset}..{offset + m - 1}"
+            raise HetfuseError(f"mapping {mapping} places {len(inside)} units in deep positions "
+                               f"{offset}..{offset + m - 1}"
                                f" (group {group}), which needs {n}")
         return inside

@@ -122,7 +122,7 @@ class AddUnits(Balancer):
 
     def balance(self, model, graph, groups, alignment, x, stats_x=None):
         inserts: list[tuple[Unit, str, int, bool, int]] = []  # (template unit, anchor, count, before first, width)
-        for g, ga in zip(groups, alignment.groups):
+        for g, ga in zip(groups, alignment.groups, strict=False):
             if ga.deep == ga.shallow:
                 continue
             if len(g.units) != ga.shallow:

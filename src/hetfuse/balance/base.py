@@ -44,7 +44,7 @@ def rebalance(model: nn.Module, alignments: Sequence[Sequence[int]], deep_counts
                            "alignment and one count per group")
     balancer = get_method("balance", method)(**params)
     per = []
-    for g, a, m in zip(groups, alignments, deep_counts):
+    for g, a, m in zip(groups, alignments, deep_counts, strict=False):
         a = [int(v) for v in a]
         n = len(g.units) if balancer.direction == "add" else len(a)
         if balancer.direction == "merge" and m != len(g.units):

@@ -52,7 +52,7 @@ class MergeUnits(Balancer):
 
     def balance(self, model, graph, groups, alignment, x, stats_x=None):
         fold = []
-        for g, ga in zip(groups, alignment.groups):
+        for g, ga in zip(groups, alignment.groups, strict=False):
             if ga.deep == ga.shallow:
                 continue
             if g.kind != "linear":

@@ -43,6 +43,7 @@ from ..errors import DataError
 from .base import Dataset
 
 from ..cache import CACHE_ENV_VAR  # noqa: E402,F401  (re-exported)
+import contextlib
 CACHE_FORMAT_VERSION = 1
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -125,10 +126,8 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
         warnings.warn(f"could not write data set cache {path}: {e}", stacklevel=3)
     finally:
         if tmp is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:

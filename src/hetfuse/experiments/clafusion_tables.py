@@ -407,7 +407,8 @@ def summary(table: int, rows: list[dict], report: dict, cmd: str) -> str:
             lines.append(f"| {t:g} | " + " | ".join(cells) + " |")
         pb = {n: [paper[t][n][0] for t in paper] for n in INITS_T4}
         lines.append("| Best | " + " | ".join(
-            f"{max(best[n]):.2f} | {max(pb[n]):.2f}" if best[n] else f"n/a | {max(pb[n]):.2f}" for n in INITS_T4) + " |")
+            f"{max(best[n]):.2f} | {max(pb[n]):.2f}" if best[n] else f"n/a | {max(pb[n]):.2f}"
+            for n in INITS_T4) + " |")
         lines.append("| Avg | " + " | ".join(
             f"{sum(best[n]) / len(best[n]):.2f} | {sum(pb[n]) / len(pb[n]):.2f}" if best[n]
             else f"n/a | {sum(pb[n]) / len(pb[n]):.2f}" for n in INITS_T4) + " |")

@@ -222,7 +222,7 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
     for seed, k, (A, B) in bar:
         models = {}
 
-        def get(role: str, task: str):
+        def get(role: str, task: str, *, models=models, A=A, B=B, seed=seed):
             key = (role, task)
             if key not in models:
                 classes = A if task == "A" else B
@@ -236,13 +236,13 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
                     "pair": pair, "direction": d_idx, "classes_a": " ".join(map(str, A)),
                     "classes_b": " ".join(map(str, B))}
 
-            def add(label, metrics, seconds, depth_align="", match=""):
+            def add(label, metrics, seconds, depth_align="", match="", *, base=base, pair=pair, d_idx=d_idx):
                 rows.append(dict(base, method=label, depth_align=depth_align, match=match, joint=metrics["joint"],
                                  task_a=metrics["tasks"][0], task_b=metrics["tasks"][1],
                                  per_task_avg=metrics["per_task_avg"], seconds=seconds))
                 keys.add((str(pair), str(d_idx), label))
 
-            def todo(label):
+            def todo(label, *, pair=pair, d_idx=d_idx):
                 return (str(pair), str(d_idx), label) not in keys
 
             (ma, ha), (mb, hb) = get(ra, "A"), get(rb, "B")
@@ -307,7 +307,8 @@ def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds) -> str
               f" (scale {setting.embed_scale:g}, not the papers' {EMBED_SCALE:g}: with nearly orthogonal random "
               "embeddings and a few epochs, scale 100 leaves every output dominated by one class-independent "
               "direction, an untrained class wins every joint prediction and every merge predicts one class; "
-              "measured, see CIFAR_EMBED_SCALE in hetfuse/experiments/class_split.py)") + f". Fusion: {samples} alignment samples, 2000 repair samples (BN reset). Joint "
+              "measured, see CIFAR_EMBED_SCALE in hetfuse/experiments/class_split.py)") +
+             f". Fusion: {samples} alignment samples, 2000 repair samples (BN reset). Joint "
              "accuracy = argmax over all classes; per-task = argmax over the task's classes on its images. Rows "
              "are mean ± std over the splits and both directions of the heterogeneous pair (arch a on task A + "
              "arch b on task B, and the reverse); homogeneous rows fuse two models of one arch, the arch on task A of "

@@ -31,7 +31,8 @@ COLUMNS = ["seed", "depth_align", "match", "wb", "acc_a", "acc_b", "acc_fused", 
 def run_skill_methods(*, data_root=None, seeds: Sequence[int], out_dir, epochs: int = 10, samples: int = 400,
                       progress: bool = True, cache=True, dataset: Dataset | None = None,
                       hidden_a: Sequence[int] = HIDDEN_A, hidden_b: Sequence[int] = HIDDEN_B,
-                      wb_grid: Sequence[float] = WB_GRID, force: bool = False, command: str | None = None) -> list[dict]:
+                      wb_grid: Sequence[float] = WB_GRID, force: bool = False,
+                      command: str | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     out = prepare_output(out_dir, force)
@@ -74,7 +75,8 @@ def _summary(rows, seeds, epochs, samples, wb_grid, cmd) -> str:
              f"MNIST; seeds {list(seeds)}; the skill-transfer pair (A 400-200-100 on every 4 + 10% of the rest, B "
              f"400-200-100-50 on the rest), {epochs} epochs each, as in `results/skill_transfer/`. CLA with the "
              "number of neurons, SMA and LMA with linear CKA; both constraints; repair `auto` (REPAIR) on the "
-             f"{samples} alignment samples. Accuracy (mean ± std over seeds) at each weight of B; the last columns give "
+             f"{samples} alignment samples. Accuracy (mean ± std over seeds) at each weight of B; "
+             "the last columns give "
              "the best weight of each method (by mean).", "", f"Command: `{cmd}`", "",
              "| aligner | matcher | mapping (1-based) | " + " | ".join(f"wB {wb}" for wb in wb_grid) +
              " | best | gap to the ensemble at that wB |", "|---|---|---|" + "---|" * (len(wb_grid) + 2)]

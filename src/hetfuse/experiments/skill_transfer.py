@@ -51,13 +51,16 @@ PAPER_PARENTS = {"acc_a": 90.76, "acc_b": 87.58}
 
 # The reference CLAFusion code run on this machine (5 seeds, real MNIST): docs/notes "method notes",
 # section "What the reference CLAFusion code gives on this machine".
-REFERENCE_CODE_NOTES = """\
-| Reference-code run (5 seeds) | A | B | best fused, add | best fused, merge | ensemble best | worst fused |
-|---|---|---|---|---|---|---|
-| as published (train inputs raw 0-255, test inputs normalised) | 90.30 | 87.52 | 90.43 | 91.16 (wB 0.2) | – | ≈ 74–77 (wB 0.5–0.6) |
-| train and test inputs prepared identically | 91.06 | 88.07 | 91.06 (= A, wB 0.0; 90.94 at wB 0.1) | 91.48 (wB 0.1) | 94.61 (wB 0.2) | 78–81 (wB 0.3–0.4) |
-| same, plus REPAIR-style statistics correction | 91.06 | 88.07 | 91.73 | 91.89 | 94.61 (wB 0.2) | +2–4 points mid-range |
-"""
+REFERENCE_CODE_NOTES = (
+    "| Reference-code run (5 seeds) | A | B | best fused, add | best fused, merge | ensemble best | worst fused |\n"
+    "|---|---|---|---|---|---|---|\n"
+    "| as published (train inputs raw 0-255, test inputs normalised) | 90.30 | 87.52 | 90.43 | 91.16 (wB 0.2) | – "
+    "| ≈ 74–77 (wB 0.5–0.6) |\n"
+    "| train and test inputs prepared identically | 91.06 | 88.07 | 91.06 (= A, wB 0.0; 90.94 at wB 0.1) "
+    "| 91.48 (wB 0.1) | 94.61 (wB 0.2) | 78–81 (wB 0.3–0.4) |\n"
+    "| same, plus REPAIR-style statistics correction | 91.06 | 88.07 | 91.73 | 91.89 | 94.61 (wB 0.2) "
+    "| +2–4 points mid-range |\n"
+)
 
 
 def _mapping(report: dict) -> str:
@@ -151,7 +154,8 @@ def _summary(rows, seeds, epochs, samples, wb_grid, ds_name, timings, hidden_a, 
     lines.append("# Skill transfer (CLAFusion §4.1 / Table 8)\n")
     lines.append(f"Data: {ds_name}; seeds {seeds}; {epochs} training epochs (SGD lr 0.01, momentum 0.5, "
                  f"batch 64); model A (hidden {list(hidden_a)}) on split A (every 4 + 10% of the other "
-                 f"labels), model B (hidden {list(hidden_b)}) on split B (the rest); both bias-free. CLA: number of neurons, both constraints; neuron matching: OT of pre-activations "
+                 f"labels), model B (hidden {list(hidden_b)}) on split B (the rest); both bias-free. "
+                 "CLA: number of neurons, both constraints; neuron matching: OT of pre-activations "
                  f"on {samples} training samples (seeded, from the full training set); target = model A "
                  "(shallower); REPAIR (where on) on the same samples. Accuracy on the full test set, mean ± sample "
                  "std over seeds.\n")
@@ -195,7 +199,7 @@ def _summary(rows, seeds, epochs, samples, wb_grid, ds_name, timings, hidden_a, 
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {wb_grid[k]:.1f} | {fmt_ms(vals_best)} |")
             best_lines.append((label, wb_grid[k], fmt_ms(vals_best)))
         paper = PAPER_TABLE8[balance]
-        if len(wb_grid) == len(paper) and all(abs(a - b) < 1e-9 for a, b in zip(wb_grid, WB_GRID)):
+        if len(wb_grid) == len(paper) and all(abs(a - b) < 1e-9 for a, b in zip(wb_grid, WB_GRID, strict=False)):
             k = max(range(len(paper)), key=lambda i: paper[i])
             lines.append(f"| paper Table 8, {balance} | " + " | ".join(f"{v:.2f}" for v in paper) +
                          f" | {WB_GRID[k]:.1f} | {paper[k]:.2f} |")
@@ -246,11 +250,13 @@ def _figure(rows, wb_grid, path: Path) -> None:
         curves = {}
         for repair in (False, True):
             curves[f"fused, repair {'on' if repair else 'off'}"] = [
-                mean_std([r["acc_fused"] for r in _select(rows, balance=balance, repair=repair, wb=wb)]) for wb in wb_grid]
+                mean_std([r["acc_fused"] for r in _select(rows, balance=balance, repair=repair, wb=wb)])
+                for wb in wb_grid]
         curves["ensemble"] = [mean_std(_per_seed(rows, "acc_ensemble", wb=wb)) for wb in wb_grid]
         if len(wb_grid) == len(WB_GRID):
             curves["paper (Table 8 avg)"] = [(v, 0.0) for v in PAPER_TABLE8[balance]]
         panels["adding layers" if balance == "add" else "merging layers"] = curves
     lines = {"model A": mean_std(_per_seed(rows, "acc_a"))[0], "model B": mean_std(_per_seed(rows, "acc_b"))[0]}
     plot_weight_sweep(wb_grid, panels, lines, path, xlabel="weight of model B (wB)",
-                      title=f"Skill transfer: CLAFusion of A (specialist) and B (generalist), mean of {n_seeds} seed(s)")
+                      title="Skill transfer: CLAFusion of A (specialist) and B (generalist), "
+                            f"mean of {n_seeds} seed(s)")

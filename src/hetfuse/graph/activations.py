@@ -57,7 +57,7 @@ class Recorder:
         self.names = list(node_names)
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.module(x)))
+        return dict(zip(self.names, self.module(x), strict=False))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -221,18 +221,18 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
     squares: list[list] = [[0.0] * n_spaces for _ in range(k)]
     grams: dict[tuple[int, int], list] = {p: [0.0] * n_spaces for p in pairs}
     recorders, reads = [], []
-    for m, g in zip(models, graphs):
+    for m, g in zip(models, graphs, strict=False):
         reads.append(read_nodes(g, post))
         recorders.append(Recorder(m, list(dict.fromkeys(n for per in reads[-1] for n in per))))
     was = [m.training for m in models]
-    for m, r in zip(models, recorders):
+    for m, r in zip(models, recorders, strict=False):
         m.eval()
         r.module.eval()
     try:
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 feats = []
-                for m, per_space, r in zip(models, reads, recorders):
+                for m, per_space, r in zip(models, reads, recorders, strict=False):
                     vals = r(x[start:start + batch_size].to(_device(m)))
                     feats.append([torch.cat([rows(vals[n]).to(torch.float64) for n in names])
                                   for names in per_space])
@@ -245,6 +245,6 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
                     for (i, j) in pairs:
                         grams[(i, j)][s] = grams[(i, j)][s] + feats[i][s].T @ feats[j][s].to(feats[i][s].device)
     finally:
-        for m, w in zip(models, was):
+        for m, w in zip(models, was, strict=False):
             m.train(w)
     return SpaceStats(count, sums, squares, grams)

@@ -50,7 +50,7 @@ def check_correspondence(graphs: list[NetworkGraph], names: list[str] | None = N
         if len(g.spaces) != len(ref.spaces):
             raise HetfuseError(f"{names[0]} has {len(ref.spaces)} hidden neuron spaces and {names[i]} "
                                f"{len(g.spaces)}: their structures do not correspond")
-        for s, (a, b) in enumerate(zip(ref.spaces, g.spaces)):
+        for s, (a, b) in enumerate(zip(ref.spaces, g.spaces, strict=False)):
             if a.kind != b.kind or a.stream != b.stream:
                 raise HetfuseError(f"hidden space {s} is a {a.kind}{' stream' if a.stream else ''} in {names[0]} "
                                    f"('{a.name}') but a {b.kind}{' stream' if b.stream else ''} in {names[i]} "
@@ -58,7 +58,7 @@ def check_correspondence(graphs: list[NetworkGraph], names: list[str] | None = N
         if len(g.modules) != len(ref.modules):
             raise HetfuseError(f"{names[0]} has {len(ref.modules)} parametric layers and {names[i]} "
                                f"{len(g.modules)}: their structures do not correspond")
-        for k, (a, b) in enumerate(zip(ref.modules, g.modules)):
+        for k, (a, b) in enumerate(zip(ref.modules, g.modules, strict=False)):
             if (a.kind, a.in_space, a.out_space) != (b.kind, b.in_space, b.out_space):
                 raise HetfuseError(f"layer {k} is {_describe_module(a)} in {names[0]} but {_describe_module(b)} in "
                                    f"{names[i]}: their structures do not correspond")

@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CheckpointError, HetfuseError
+import contextlib
 
 FORMAT = "hetfuse"
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"}
@@ -51,10 +52,8 @@ def atomic_write_bytes(path: Path, writer, *, suffix: str = ".tmp") -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -209,7 +208,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, tuple]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:  # safetensors raises SafetensorError (and sometimes others) on bad files
         raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
     return meta, shapes
@@ -257,7 +256,7 @@ def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False, base
     model = _build(base_desc, edits, base, path, len(shapes), device)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:
         raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt or truncated): {e}") from None
     _check_finite(state, path, "refusing to load checkpoint")
@@ -285,13 +284,13 @@ def _load_multihead(path: Path, meta: dict, shapes: dict, base, device) -> tuple
 
     def build(dev):
         built = [_build(p.get("base", {}), p.get("edits", []), b, path, len(shapes), dev)
-                 for p, b in zip(parts, bases)]
+                 for p, b in zip(parts, bases, strict=False)]
         return MultiHead(built[0], built[1:])
 
     _compare(build("meta"), shapes, path)
     model = build(device)
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     _check_finite(state, path, "refusing to load checkpoint")
     ref = model.state_dict()
     model.load_state_dict({k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in state.items()})

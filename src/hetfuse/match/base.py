@@ -34,7 +34,7 @@ class SpaceMap:
     inn: torch.Tensor  # n_i x r, consuming side
 
     @classmethod
-    def identity(cls, n: int, device=None) -> "SpaceMap":
+    def identity(cls, n: int, device=None) -> SpaceMap:
         eye = torch.eye(n, dtype=torch.float64, device=device)
         return cls(eye, eye.clone())
 

@@ -18,9 +18,10 @@ from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap, parallel_m
 def _equal_widths(ctx: MatchContext, name: str) -> list[int]:
     widths = [sp.size for sp in ctx.graphs[ctx.target].spaces]
     for i, g in enumerate(ctx.graphs):
-        for s, (sp, n) in enumerate(zip(g.spaces, widths)):
+        for s, (sp, n) in enumerate(zip(g.spaces, widths, strict=False)):
             if sp.size != n:
-                raise HetfuseError(f"{name} needs equal widths; hidden space {s} ('{sp.name}') has {sp.size} neurons in "
+                raise HetfuseError(f"{name} needs equal widths; hidden space {s} ('{sp.name}') has {sp.size} "
+                                   "neurons in "
                                    f"model {i} and {n} in the target (use ot-acts or elastic-zip for different widths)")
     return widths
 
@@ -130,7 +131,8 @@ class PermWeights(NeuronMatcher):
             return m
 
         sweeps = 0
-        for sweeps in range(1, self.params.max_iter + 1):
+        for _ in range(self.params.max_iter):
+            sweeps += 1
             changed = False
             for s in gen.permutation(len(widths)):
                 s = int(s)

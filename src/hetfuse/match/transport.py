@@ -36,12 +36,12 @@ class Transport:
     cost: float
 
     @classmethod
-    def identity(cls, n: int) -> "Transport":
+    def identity(cls, n: int) -> Transport:
         eye = torch.eye(n, dtype=torch.float64)
         return cls(eye, eye.clone(), "identity", 0.0)
 
     @classmethod
-    def from_plan(cls, plan: np.ndarray, solver: str, cost: float) -> "Transport":
+    def from_plan(cls, plan: np.ndarray, solver: str, cost: float) -> Transport:
         plan = np.asarray(plan, dtype=np.float64)
         col = plan.sum(axis=0)
         if np.any(col <= 0):

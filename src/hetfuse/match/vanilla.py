@@ -17,7 +17,7 @@ class Vanilla(NeuronMatcher):
     def match(self, ctx: MatchContext) -> MatchResult:
         widths = [sp.size for sp in ctx.graphs[ctx.target].spaces]
         for i, g in enumerate(ctx.graphs):
-            for s, (sp, n) in enumerate(zip(g.spaces, widths)):
+            for s, (sp, n) in enumerate(zip(g.spaces, widths, strict=False)):
                 if sp.size != n:
                     raise HetfuseError(f"vanilla averaging needs equal widths; hidden space {s} has {sp.size} neurons "
                                        f"in model {i} and {n} in the target")

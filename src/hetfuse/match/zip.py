@@ -213,7 +213,7 @@ class ElasticZip(_Zip):
         if len(w) != ctx.n_spaces:
             raise HetfuseError(f"width lists {len(w)} widths, the networks have {ctx.n_spaces} neuron spaces "
                                f"({', '.join(sp.name for sp in ctx.graphs[ctx.target].spaces)})")
-        for s, (r, p) in enumerate(zip(w, per)):
+        for s, (r, p) in enumerate(zip(w, per, strict=False)):
             if not 1 <= r <= sum(p):
                 raise HetfuseError(f"width {r} for space {s} must lie in [1, {sum(p)}]")
         return list(w)

@@ -55,7 +55,7 @@ class MLP(nn.Module):
                 "output_dim": self.output_dim, "bias": bias}
 
     @classmethod
-    def from_arch(cls, arch: dict) -> "MLP":
+    def from_arch(cls, arch: dict) -> MLP:
         if arch.get("type") != "mlp":
             raise ValueError(f"not an MLP architecture: {arch!r}")
         return cls(arch["input_dim"], arch["hidden"], arch["output_dim"], bias=arch.get("bias", True))

@@ -97,7 +97,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU()
         self.stage_names: list[str] = []
         in_planes = widths[0]
-        for i, (n, planes) in enumerate(zip(blocks, widths)):
+        for i, (n, planes) in enumerate(zip(blocks, widths, strict=False)):
             stage = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
@@ -122,7 +122,7 @@ class ResNet(nn.Module):
                 "bias": self.bias, "num_classes": self.num_classes, "in_channels": self.in_channels}
 
     @classmethod
-    def from_arch(cls, arch: dict) -> "ResNet":
+    def from_arch(cls, arch: dict) -> ResNet:
         if arch.get("type") != "resnet":
             raise ValueError(f"not a ResNet architecture: {arch!r}")
         return cls(arch["blocks"], arch["widths"], num_classes=int(arch.get("num_classes", 10)),

@@ -106,7 +106,7 @@ class VGG(nn.Module):
         return arch
 
     @classmethod
-    def from_arch(cls, arch: dict) -> "VGG":
+    def from_arch(cls, arch: dict) -> VGG:
         if arch.get("type") != "vgg":
             raise ValueError(f"not a VGG architecture: {arch!r}")
         return cls(depth=int(arch["depth"]), width=float(arch.get("width", 1.0)), bn=bool(arch.get("bn", False)),

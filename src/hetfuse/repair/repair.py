@@ -14,7 +14,7 @@ from .base import Repair
 
 def repairable_spaces(graph) -> list[int]:
     """Spaces whose pre-activation is the output of one Linear/Conv2d (no BatchNorm, not a residual stream)."""
-    return [l for l, s in enumerate(graph.spaces)
+    return [layer for layer, s in enumerate(graph.spaces)
             if not s.stream and not s.norms and len(s.producers) == 1 and s.act_module == s.producers[0]]
 
 
@@ -25,8 +25,8 @@ def _with_biases(model: nn.Module, graph, spaces: list[int]) -> nn.Module:
     """``model`` with a (zero) bias in every producing layer of ``spaces`` (each addition recorded as an edit)."""
     from ..graph.rewrite import apply_edit, module_spec
 
-    for l in spaces:
-        space = graph.spaces[l]
+    for layer in spaces:
+        space = graph.spaces[layer]
         lin = model.get_submodule(space.producers[0])
         if lin.bias is None:
             new = type(lin)(**{k: (tuple(v) if isinstance(v, list) else v)
@@ -63,9 +63,9 @@ class _OnePass(fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         if n.name in self.fixes:
-            l, lin = self.fixes[n.name]
+            layer, lin = self.fixes[n.name]
             r = rows(out).to(torch.float64)
-            scale, shift = _correct(lin, r.mean(0), r.std(0, unbiased=False), *self.target(l), self.eps)
+            scale, shift = _correct(lin, r.mean(0), r.std(0, unbiased=False), *self.target(layer), self.eps)
             shape = [1, -1] + [1] * (out.dim() - 2)
             out = (out.to(torch.float64) * scale.view(shape) + shift.view(shape)).to(out.dtype)
         return out
@@ -96,15 +96,15 @@ def repair_spaces(model: nn.Module, graph, x: torch.Tensor, target, spaces: list
     model.eval()
     if _peak_bytes(graph, x.shape[0]) <= ONE_PASS_BYTES:
         gm = trace(model)
-        fixes = {graph.spaces[l].act_nodes[0]: (l, model.get_submodule(graph.spaces[l].producers[0]))
-                 for l in spaces}
+        fixes = {graph.spaces[layer].act_nodes[0]: (layer, model.get_submodule(graph.spaces[layer].producers[0]))
+                 for layer in spaces}
         dev = next(iter(model.parameters())).device
         _OnePass(gm, fixes, target, eps).run(x.to(dev))
         return model
-    for l in spaces:
-        lin = model.get_submodule(graph.spaces[l].producers[0])
-        acts = layer_activations(model, graph, x, layers=[l])[l]
-        _correct(lin, acts.mean(0), acts.std(0, unbiased=False), *target(l), eps)
+    for layer in spaces:
+        lin = model.get_submodule(graph.spaces[layer].producers[0])
+        acts = layer_activations(model, graph, x, layers=[layer])[layer]
+        _correct(lin, acts.mean(0), acts.std(0, unbiased=False), *target(layer), eps)
     return model
 
 

@@ -3,4 +3,5 @@
 from .figures import plot_alignment_matrices, plot_matrix, plot_weight_sweep
 from .tables import describe_alignment, fmt, fmt_ms, format_alignment, markdown_table, mean_std
 
-__all__ = ["describe_alignment", "fmt", "fmt_ms", "format_alignment", "markdown_table", "mean_std", "plot_alignment_matrices", "plot_matrix", "plot_weight_sweep"]
+__all__ = ["describe_alignment", "fmt", "fmt_ms", "format_alignment", "markdown_table", "mean_std",
+           "plot_alignment_matrices", "plot_matrix", "plot_weight_sweep"]

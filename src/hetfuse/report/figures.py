@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+import contextlib
 
 
 def _plt():
@@ -31,12 +32,10 @@ def alternative_alignments(group: dict, chosen: str) -> dict[str, list[int]]:
     out = {chosen: list(group["alignment"])}
     for method in ("cla", "sma", "lma"):
         if method != chosen:
-            try:
+            with contextlib.suppress(ValueError):
                 out[method] = align_depth(cost if method == "cla" else sim, method,
                                           fix_first=bool(group.get("fix_first", True)),
                                           fix_last=bool(group.get("fix_last", True)))
-            except ValueError:
-                pass
     return out
 
 
@@ -101,13 +100,14 @@ def plot_weight_sweep(weights, panels: dict[str, dict[str, list[tuple[float, flo
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True, squeeze=False)
     styles = ["o-", "o-", "s-", "--", "^-", "v-"]
     colors = ["tab:blue", "tab:green", "tab:purple", "gray", "tab:brown", "tab:pink"]
-    for ax, (name, curves) in zip(axes[0], panels.items()):
+    for ax, (name, curves) in zip(axes[0], panels.items(), strict=False):
         for k, (label, points) in enumerate(curves.items()):
             m = [p[0] for p in points]
             s = [p[1] for p in points]
             ax.plot(weights, m, styles[k % 6], color=colors[k % 6], label=label)
             if any(v > 0 for v in s):
-                ax.fill_between(weights, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
+                ax.fill_between(weights, [a - b for a, b in zip(m, s, strict=False)],
+                                [a + b for a, b in zip(m, s, strict=False)],
                                 color=colors[k % 6], alpha=0.15)
         for k, (label, value) in enumerate(lines.items()):
             ax.axhline(value, color=["tab:red", "tab:orange", "tab:olive"][k % 3], lw=1, ls=":",

@@ -186,9 +186,10 @@ def write_fusion_report(folder: str | Path, report: dict, *, accuracy: dict | No
              _table(["model", "checkpoint", "depth", "hidden widths"],
                     [[i, p, d, ", ".join(map(str, w))] for i, (p, d, w) in
                      enumerate(zip(report.get("inputs", ["?"] * report["n_models"]), report["depths_in"],
-                                   report["widths_in"]))]),
+                                   report["widths_in"], strict=False))]),
              f'<p class="note">Data: {html.escape(str(report.get("dataset", "")))}; '
-             f'{html.escape(str(report.get("alignment_samples", "")))}; weights {html.escape(str(report.get("weights")))}; '
+             f'{html.escape(str(report.get("alignment_samples", "")))}; '
+             f'weights {html.escape(str(report.get("weights")))}; '
              f'target model {report["target"]}; fused hidden widths '
              f'{html.escape(", ".join(map(str, report["fused_widths"])))}.</p>',
              "<h2>Configuration</h2>",

@@ -86,8 +86,8 @@ def linear_cka(X, Y) -> float:
     t, p = xc.shape
     q = yc.shape[1]
     if t * t <= p * q:  # the t x t Gram form is cheaper
-        k, l = xc @ xc.T, yc @ yc.T
-        hxy, hxx, hyy = float((k * l).sum()), float(torch.linalg.norm(k)), float(torch.linalg.norm(l))
+        kx, ky = xc @ xc.T, yc @ yc.T
+        hxy, hxx, hyy = float((kx * ky).sum()), float(torch.linalg.norm(kx)), float(torch.linalg.norm(ky))
     else:
         hxy = float(torch.linalg.norm(yc.T @ xc) ** 2)
         hxx, hyy = float(torch.linalg.norm(xc.T @ xc)), float(torch.linalg.norm(yc.T @ yc))

@@ -291,8 +291,8 @@ def _broadcast_state(model: nn.Module, opt, state: tuple) -> tuple:
     start, best_val, best_epoch, history, best_state, weights, momentum = box[0]
     ref = model.state_dict()
     model.load_state_dict({k: v.to(ref[k].device) for k, v in weights.items()})
-    for g, row in zip(opt.param_groups, momentum):
-        for p, b in zip(g["params"], row):
+    for g, row in zip(opt.param_groups, momentum, strict=False):
+        for p, b in zip(g["params"], row, strict=False):
             if b is not None:
                 opt.state[p]["momentum_buffer"] = b.to(p.device, p.dtype)
     return start, best_val, best_epoch, history, best_state
@@ -339,7 +339,7 @@ def _load_state(path: Path, model: nn.Module, opt, settings: dict):
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     saved = json.loads(meta.get("settings", "{}"))
     changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
     if changed:

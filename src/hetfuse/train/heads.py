@@ -100,7 +100,7 @@ class OutputHead:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict | None, num_classes: int) -> "OutputHead":
+    def from_dict(cls, d: dict | None, num_classes: int) -> OutputHead:
         if not d:
             return cls("linear", num_classes)
         d = dict(d)
@@ -158,7 +158,7 @@ def task_metrics(scores: torch.Tensor | None, y: torch.Tensor, tasks: Sequence[S
         if head_classes is None or len(head_classes) != len(head_scores):
             raise HetfuseError("a multi-head network needs the classes of each head")
         n = head_scores[0].shape[1]
-        probs = torch.stack([head_probabilities(s, c, n) for s, c in zip(head_scores, head_classes)])
+        probs = torch.stack([head_probabilities(s, c, n) for s, c in zip(head_scores, head_classes, strict=False)])
         joint = probs.max(0).values.argmax(1)
         task_acc = []
         for t in tasks:
@@ -195,7 +195,7 @@ def ensemble_task_metrics(models, heads: Sequence[OutputHead], x: torch.Tensor, 
     from .trainer import predict_logits
 
     scores, classes = [], []
-    for i, (m, h) in enumerate(zip(models, heads)):
+    for i, (m, h) in enumerate(zip(models, heads, strict=False)):
         out = predict_logits(m, x)
         if out.dim() == 3:
             per = (head_classes or [None] * len(models))[i]

@@ -212,7 +212,7 @@ def ensemble_accuracy(models: Sequence[nn.Module], weights: Sequence[float], x: 
     if x.shape[0] != y.shape[0]:
         raise HetfuseError(f"ensemble_accuracy: {x.shape[0]} inputs but {y.shape[0]} labels")
     probs = None
-    for m, w in zip(models, weights):
+    for m, w in zip(models, weights, strict=False):
         out = predict_logits(m, x)
         p = w * (class_scores(out) if out.dim() == 3 else torch.softmax(out, dim=1))
         probs = p if probs is None else probs + p
