@@ -163,6 +163,73 @@ class PreActResNet(nn.Module):
         return self.linear(out.flatten(1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion + BN + ReLU6, 3x3 depthwise + BN + ReLU6, 1x1 projection + BN, and the
+    input added back when the shape is kept."""
+
+    def __init__(self, cin, cout, stride=1, expand=4):
+        super().__init__()
+        mid = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(inplace=True),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(inplace=True),
+            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2Like(nn.Module):
+    """A small MobileNetV2: stem conv, inverted residual stages (depthwise convolutions), a 1x1 head conv."""
+
+    def __init__(self, blocks=(2, 2), width=8, num_classes=10):
+        super().__init__()
+        layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6(inplace=True)]
+        c = width
+        for i, n in enumerate(blocks):
+            out = width * (i + 1)
+            for k in range(n):
+                layers.append(InvertedResidual(c, out, 2 if (k == 0 and i > 0) else 1))
+                c = out
+        layers += [nn.Conv2d(c, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * width, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = nn.functional.adaptive_avg_pool2d(x, 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+class ConvNeXtLikeBlock(nn.Module):
+    """A ConvNeXt-style block on a residual stream (BatchNorm and 1x1 convs in place of LayerNorm and Linear):
+    7x7 depthwise conv of the stream, norm, 1x1 expansion, GELU, 1x1 projection, added back."""
+
+    def __init__(self, c, expand=4):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.BatchNorm2d(c)
+        self.pw1 = nn.Conv2d(c, expand * c, 1)
+        self.act = nn.GELU()
+        self.pw2 = nn.Conv2d(expand * c, c, 1)
+
+    def forward(self, x):
+        return x + self.pw2(self.act(self.pw1(self.norm(self.dw(x)))))
+
+
+class ConvNeXtLike(nn.Module):
+    def __init__(self, blocks=2, width=8, num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 4, stride=4)
+        self.blocks = nn.Sequential(*[ConvNeXtLikeBlock(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def bn1d_mlp(widths=(10, 8), d_in=12, d_out=4):
     layers, c = [], d_in
     for w in widths:
@@ -199,6 +266,9 @@ KINDS = {
                _images),
     "resnet-projection": (lambda s: UserResNet(), _images),
     "resnet-bottleneck": (lambda s: BottleneckResNet(), _images),
+    "resnet-preact": (lambda s: PreActResNet(), _images),
+    "mobilenet-depthwise": (lambda s: MobileNetV2Like(), _images),
+    "convnext-depthwise": (lambda s: ConvNeXtLike(), _images),
 }
 
 

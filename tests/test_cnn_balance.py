@@ -204,3 +204,15 @@ def test_balanced_models_roundtrip_through_checkpoints(tmp_path, x, data):
         loaded = load_model(path)
         assert list(loaded.state_dict()) == list(model.state_dict())
         same(model, loaded, x)
+
+
+def test_groups_that_do_not_pair_are_named_with_the_reason():
+    from hetfuse.models import build_model
+
+    vgg = build_model("vgg11:w=0.125,bn", input_dim=3, output_dim=10, input_shape=(3, 32, 32)).eval()
+    res = build_model("resnet20:w=0.25", input_dim=3, output_dim=10, input_shape=(3, 32, 32)).eval()
+    with pytest.raises(HetfuseError) as info:
+        fuse([vgg, res], torch.randn(16, 3, 32, 32), samples=16)
+    msg = str(info.value)
+    assert "group 1 (1-based) of model 1 is stage0, a residual stage of 3 unit(s)" in msg
+    assert "model 0 has conv0, a group of convolutions" in msg

@@ -168,3 +168,32 @@ def test_the_fixed_aligner_places_units_where_it_is_told():
     shallow, deep = MLP(6, [5, 4], 3), MLP(6, [5, 5, 5, 4], 3)
     res = fuse([shallow, deep], torch.randn(50, 6), samples=40, depth_align="fixed", mapping=[0, 2], repair="none")
     assert res.report["mappings"][0]["alignment"] == [0, 2]
+
+
+@pytest.mark.parametrize("pair", ["preact", "mobilenet", "convnext"])
+def test_depth_different_peer_kinds_fused_with_weights_one_zero_give_back_the_shallower(pair):
+    """Pre-activation ResNets (stream read at the additions, not at the next block's BatchNorm) and depthwise
+    networks (MobileNetV2 inverted residuals, ConvNeXt-style blocks) of different depths: with weights (1, 0) the
+    fused model is the shallower one."""
+    from models_zoo_for_tests import ConvNeXtLike, MobileNetV2Like, PreActResNet
+
+    shallow, deep = {"preact": (lambda: PreActResNet((1, 2)), lambda: PreActResNet((2, 3))),
+                     "mobilenet": (lambda: MobileNetV2Like((1, 2)), lambda: MobileNetV2Like((2, 3))),
+                     "convnext": (lambda: ConvNeXtLike(2), lambda: ConvNeXtLike(3))}[pair]
+    data = inputs("resnet-preact", 48, 1)
+    torch.manual_seed(0)
+    a, b = shallow().eval(), deep().eval()
+    ga, gb = (depth_groups(describe(m, example=data[:2])) for m in (a, b))
+    assert [g.kind for g in ga] == [g.kind for g in gb]
+    assert sum(len(g.units) for g in gb) > sum(len(g.units) for g in ga)
+    res = fuse([a, b], data, weights=[1.0, 0.0], samples=32, repair="none")
+    x = inputs("resnet-preact", 8, 2)
+    with torch.no_grad():
+        _close(res.model(x), a(x), 1e-5)
+
+
+def test_a_preactivation_stage_is_one_group_of_all_its_blocks():
+    from models_zoo_for_tests import PreActResNet
+
+    g = describe(PreActResNet((2, 3)), example=inputs("resnet-preact", 2, 0))
+    assert [(gr.kind, len(gr.units)) for gr in depth_groups(g)] == [("block", 2), ("block", 3)]

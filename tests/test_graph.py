@@ -121,3 +121,84 @@ def test_activations_are_pre_activations_even_with_inplace_relu():
     assert acts.dtype == torch.float64 and acts.shape == (50, 16)
     assert (acts < 0).any()
     assert torch.allclose(acts, (x @ model[0].weight.T + model[0].bias).double(), atol=1e-5)
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class _ZeroPadBlock(nn.Module):
+    """The option-A shortcut of a popular CIFAR ResNet file: subsample by a step, pad channels with zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, 2, 1)
+        self.shortcut = _Lambda(lambda x: torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2)))
+
+    def forward(self, x):
+        return self.conv(x) + self.shortcut(x)
+
+
+class _ZeroPadNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.layer2 = nn.Sequential(_ZeroPadBlock())
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.layer2(self.stem(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _SplitsChannels(nn.Module):
+    """ShuffleNetV2-style: a Python int made from a traced size."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        c = int(h.size(1) * 0.5)
+        return self.b(h[:, :c])
+
+
+def test_refusals_name_the_module_path_and_the_cause():
+    with pytest.raises(UnsupportedModelError) as info:
+        describe(_ZeroPadNet())
+    msg = str(info.value)
+    assert "layer2.0.shortcut (_Lambda)" in msg and "a step over rows" in msg and "\n" not in msg
+    with pytest.raises(UnsupportedModelError) as info:
+        describe(_SplitsChannels())
+    msg = str(info.value)
+    assert "Python number" in msg and "int(x.size(1) * ratio)" in msg and "control flow" not in msg
+    assert "test_graph.py" in msg  # where in the user's code
+
+
+def test_grouped_convolutions_are_refused_precisely_and_depthwise_ones_described():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3, padding=1)
+            self.g = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.g(self.c(x)), 1), 1))
+
+    with pytest.raises(UnsupportedModelError, match=r"g \(Conv2d\): grouped convolution 'g' \(groups=4, 8 -> 8"):
+        describe(Grouped())
+    model = Grouped()
+    model.g = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    g = describe(model)
+    assert [s.name for s in g.spaces] == ["c"]
+    names = {m.name for m in g.spaces[0].members}
+    assert {"g.weight", "g.bias", "c.weight", "fc.weight"} <= names
+    assert [m.kind for m in g.modules] == ["conv", "depthwise", "linear"]

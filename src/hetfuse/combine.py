@@ -19,8 +19,9 @@ from torch import nn
 
 from .errors import HetfuseError
 from .graph.correspond import ParamSlot, slot_axes
+from .graph.ops import layer_op
 from .graph.rewrite import apply_edit, module_spec
-from .graph.spec import INPUT, OUTPUT, NetworkGraph, transform_axis
+from .graph.spec import NetworkGraph, transform_axis
 from .match.base import MatchResult
 
 
@@ -147,26 +148,12 @@ def fused_skeleton(model: nn.Module, graph: NetworkGraph, slots: list[ParamSlot]
         mod = modules[info.name]
         spec = module_spec(mod)
         args = spec["args"]
-        changed = False
-        if info.kind == "norm":
-            if widths[info.out_space] != args["num_features"]:
-                args["num_features"] = widths[info.out_space]
-                changed = True
-        else:
-            key_in, key_out = ("in_features", "out_features") if info.kind == "linear" else ("in_channels",
-                                                                                              "out_channels")
-            if info.in_space not in (INPUT,):
-                old = graph.spaces[info.in_space].size
-                block = args[key_in] // old
-                if widths[info.in_space] * block != args[key_in]:
-                    args[key_in] = widths[info.in_space] * block
-                    changed = True
-            if info.out_space != OUTPUT and widths[info.out_space] != args[key_out]:
-                args[key_out] = widths[info.out_space]
-                changed = True
-            if info.name in bias_needed:
-                args["bias"] = True
-                changed = True
+        old_in = graph.spaces[info.in_space].size if info.in_space >= 0 else None
+        changed = layer_op(info.kind).resize(args, old_in, widths[info.in_space] if info.in_space >= 0 else None,
+                                             widths[info.out_space] if info.out_space >= 0 else None)
+        if info.name in bias_needed:
+            args["bias"] = True
+            changed = True
         if changed:
             edit = {"op": "replace_module", "target": info.name, "module": spec}
             p = next(iter(mod.parameters()), None)

@@ -28,7 +28,8 @@ from torch import nn
 
 from .config import FusionConfig
 from .errors import HetfuseError
-from .graph.groups import Group, depth_groups
+from .graph.groups import depth_groups
+from .graph.ops import channelwise
 from .graph.spec import OUTPUT, NetworkGraph
 from .graph.trace import describe
 
@@ -72,10 +73,6 @@ def deepen(model: nn.Module, like: nn.Module, data, *, config: FusionConfig | No
     return balanced[0].eval(), depth.models[0].to_dict()
 
 
-def _units(groups: list[Group]) -> list[list]:
-    return [list(g.units) for g in groups]
-
-
 def main_layers(graph: NetworkGraph) -> list[tuple[str, tuple[int, int] | None]]:
     """The weight layers HMT transfers, in graph order: (module name, (group, unit) or None outside units).
     Convolutions and Linear layers, without residual shortcut projections and the output layer."""
@@ -88,10 +85,11 @@ def main_layers(graph: NetworkGraph) -> list[tuple[str, tuple[int, int] | None]]
             for name in u.modules:
                 where[name] = (gi, ui)
                 info = kinds[name]
-                if u.kind == "block" and info.kind != "norm" and info.out_space == u.space and name != u.weight:
+                if u.kind == "block" and not channelwise(info.kind) and info.out_space == u.space and \
+                        name != u.weight:
                     shortcut.add(name)
     return [(m.name, where.get(m.name)) for m in graph.modules
-            if m.kind in ("conv", "linear") and m.out_space != OUTPUT and m.name not in shortcut]
+            if not channelwise(m.kind) and m.out_space != OUTPUT and m.name not in shortcut]
 
 
 def _chain_pairs(src: NetworkGraph, dst: NetworkGraph) -> list[tuple[str, str]]:

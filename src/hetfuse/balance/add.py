@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import HetfuseError
 from ..graph.groups import Unit, residual_blocks
+from ..graph.ops import layer_op
 from ..graph.rewrite import apply_edit, editable_copy, fresh_prefix, module_spec, node_spec
 from ..graph.spec import INPUT
 from ..registry import register
@@ -32,25 +33,9 @@ __all__ = ["AddUnits", "calibrate_identity_norms", "identity_layer", "identity_n
 
 
 def identity_layer(template: nn.Module, width: int) -> nn.Module:
-    """A width → width Linear or 3×3 Conv2d (padding 1) that is the identity, shaped after ``template``."""
-    w = template.weight
-    bias = template.bias is not None
-    if isinstance(template, nn.Linear):
-        new = nn.Linear(width, width, bias=bias)
-        with torch.no_grad():
-            new.weight.copy_(torch.eye(width))
-    elif isinstance(template, nn.Conv2d):
-        new = nn.Conv2d(width, width, kernel_size=3, padding=1, bias=bias)
-        with torch.no_grad():
-            new.weight.zero_()
-            idx = torch.arange(width)
-            new.weight[idx, idx, 1, 1] = 1.0
-    else:
-        raise HetfuseError(f"cannot make an identity layer like a {type(template).__name__}")
-    if bias:
-        with torch.no_grad():
-            new.bias.zero_()
-    return new.to(device=w.device, dtype=w.dtype)
+    """A width → width layer of the template's kind that is the identity (a Linear, a 3×3 Conv2d with padding 1),
+    made by the template's handler in the op table."""
+    return layer_op(template).identity(template, width)
 
 
 def identity_norm(template: nn.modules.batchnorm._BatchNorm, width: int) -> nn.Module:
@@ -95,21 +80,15 @@ def calibrate_identity_norms(model: nn.Module, norms: list[nn.Module], x: torch.
 
 
 def zero_branch(block_modules: dict[str, nn.Module]) -> None:
-    """Make a copied block's residual branch output exactly zero: every Linear/Conv2d weight and bias 0, every
-    BatchNorm neutral (running mean 0, running variance 1, weight 1, bias 0, so BN(0) = 0)."""
-    with torch.no_grad():
-        for m in block_modules.values():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.weight.zero_()
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is not None:
-                    m.running_mean.zero_()
-                    m.running_var.fill_(1.0)
-                if m.affine:
-                    m.weight.fill_(1.0)
-                    m.bias.zero_()
+    """Make a copied block's residual branch output exactly zero: every layer made zero by its handler in the op
+    table (Linear/Conv2d weight and bias 0; BatchNorm neutral: running mean 0, running variance 1, weight 1, bias
+    0, so BN(0) = 0)."""
+    for m in block_modules.values():
+        try:
+            op = layer_op(m)
+        except HetfuseError:
+            continue  # no parameters to zero (an activation, a pooling)
+        op.zero(m)
 
 
 @register
@@ -160,7 +139,7 @@ class AddUnits(Balancer):
     def _insert_layer(model, modules, graph, u: Unit, anchor: str, before: bool, norms: list) -> nn.Module:
         producer = modules[u.weight]
         if before:
-            width = producer.in_features if isinstance(producer, nn.Linear) else producer.in_channels
+            width = layer_op(producer).in_width(producer)
             info = next(mi for mi in graph.modules if mi.name == u.weight)
             if info.in_space == INPUT:
                 warnings.warn("identity layers inserted before the first hidden layer pass the raw input through a "
@@ -232,16 +211,10 @@ def _resized(module: nn.Module, info, resize) -> nn.Module:
     """A copy of a template block's module resized from the template's stream to the target stream's width."""
     old_space, _, width = resize
     spec = module_spec(module)
-    args = spec["args"]
-    if info.kind == "norm":
-        if info.out_space == old_space:
-            args["num_features"] = width
-    else:
-        key_in, key_out = ("in_features", "out_features") if "in_features" in args else ("in_channels", "out_channels")
-        if info.in_space == old_space:
-            args[key_in] = width
-        if info.out_space == old_space:
-            args[key_out] = width
+    op = layer_op(info.kind)
+    reads = info.in_space == old_space  # inside a block every layer reads one column per neuron
+    op.resize(spec["args"], op.in_width(module) if reads else None, width if reads else None,
+              width if info.out_space == old_space else None)
     from ..graph.rewrite import module_from_spec
 
     p = next(iter(module.parameters()), None)

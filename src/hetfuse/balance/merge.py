@@ -126,6 +126,6 @@ def _fold_unit(model: nn.Module, u, preacts: torch.Tensor, sign: str) -> nn.Modu
 
 
 def _is_relu(node, modules) -> bool:
-    from ..graph.groups import is_relu
+    from ..graph.ops import is_relu
 
     return is_relu(node, modules)

@@ -131,8 +131,9 @@ def node_features(model: nn.Module, graph: NetworkGraph, node_names: Sequence[st
 
 
 def node_moments(model: nn.Module, graph: NetworkGraph, node_names: Sequence[str], x: torch.Tensor, *,
-                 batch_size: int = 500) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per node, the per-channel (mean, biased variance) of its values over every sample and position."""
+                 batch_size: int = 500, counts: bool = False) -> dict[str, tuple]:
+    """Per node, the per-channel (mean, biased variance) of its values over every sample and position (with
+    ``counts``: (mean, biased variance, number of observations))."""
     acc: dict[str, list] = {}
 
     def take(_start, vals):
@@ -149,7 +150,8 @@ def node_moments(model: nn.Module, graph: NetworkGraph, node_names: Sequence[str
     out = {}
     for name, (n, s1, s2) in acc.items():
         mean = s1 / n
-        out[name] = (mean, (s2 / n - mean * mean).clamp_min(0.0))
+        var = (s2 / n - mean * mean).clamp_min(0.0)
+        out[name] = (mean, var, n) if counts else (mean, var)
     return out
 
 

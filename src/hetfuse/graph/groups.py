@@ -17,24 +17,14 @@ shallower group into the deeper one, and balancing inserts identity layers or ze
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import HetfuseError
+from .ops import channelwise, is_add, is_elementwise, is_nonnegative
 from .spec import INPUT, NetworkGraph
-
-_ADD = {operator.add, operator.iadd, torch.add}
-_UNARY_MODULES = (nn.ReLU, nn.Dropout, nn.Identity)
-_UNARY_FUNCTIONS = {F.relu, torch.relu, F.dropout}
-_UNARY_METHODS = {"relu", "contiguous"}
-_RELU_MODULES = (nn.ReLU,)
-_RELU_FUNCTIONS = {F.relu, torch.relu}
 
 
 @dataclass
@@ -69,36 +59,14 @@ class Group:
     units: list[Unit] = field(default_factory=list)
 
 
-def _is_unary(node: fx.Node, modules: dict) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), _UNARY_MODULES)
-    if node.op == "call_function":
-        return node.target in _UNARY_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _UNARY_METHODS
-    return False
-
-
-def is_relu(node: fx.Node, modules: dict) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), _RELU_MODULES)
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target == "relu"
-
-
-def is_add(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _ADD
-
-
 def activation_chain(node: fx.Node, modules: dict) -> tuple[fx.Node, bool]:
     """Follow ``node`` through single-use elementwise activations; returns (last node, passed a ReLU)."""
     relu = False
     while len(node.users) == 1:
         (user,) = node.users
-        if not _is_unary(user, modules) or user.args[0] is not node:
+        if not is_elementwise(user, modules) or user.args[0] is not node:
             break
-        relu = relu or is_relu(user, modules)
+        relu = relu or is_nonnegative(user, modules)
         node = user
     return node, relu
 
@@ -194,7 +162,7 @@ def depth_groups(graph: NetworkGraph) -> list[Group]:
         act = nodes[space.act_nodes[0]]
         out, relu = activation_chain(act, modules)
         src = nodes[prod.node].args[0]
-        mods = [prod.name] + [m.name for m in graph.modules if m.kind == "norm" and m.out_space == idx]
+        mods = [prod.name] + [m.name for m in graph.modules if channelwise(m.kind) and m.out_space == idx]
         layer_units.append(Unit(space.name, "layer", idx, act.name, out.name, src.name, prod.name, space.size,
                                 relu, mods))
     layer_units.sort(key=lambda u: order[by_module[u.weight].node])
@@ -237,18 +205,40 @@ def _branch_layer(block: Block, graph: NetworkGraph, by_module: dict, nodes: dic
     """The last Linear/Conv2d of a block's residual branch (the producer of the stream that does not read
     the block input directly)."""
     cands = [by_module[n.target] for n in block.region if n.op == "call_module" and n.target in by_module
-             and by_module[n.target].kind != "norm"]
+             and not channelwise(by_module[n.target].kind)]
     stream = [m for m in cands if m.out_space >= 0 and graph.spaces[m.out_space].stream]
     direct = {m.name for m in stream if m.in_space != INPUT and nodes[m.node].args[0] is block.block_in}
     branch = [m for m in stream if m.name not in direct] or stream
     return branch[-1].name if branch else None
 
 
+_KIND_WORDS = {"conv": "a group of convolutions", "linear": "a fully connected group", "block": "a residual stage"}
+
+
+def _describe_group(g: Group | None) -> str:
+    if g is None:
+        return "nothing (its groups end there)"
+    units = ", ".join(u.name for u in g.units[:3]) + (" ..." if len(g.units) > 3 else "")
+    return f"{g.name}, {_KIND_WORDS.get(g.kind, g.kind)} of {len(g.units)} unit(s) ({units})"
+
+
 def check_group_pairing(groups: list[list[Group]]) -> None:
-    """Depth alignment pairs groups one to one: every network needs the same sequence of group kinds."""
+    """Depth alignment pairs groups one to one: every network needs the same sequence of group kinds. Where the
+    sequences differ, the error names the first group of a model that has no partner in model 0, and why."""
     kinds = [[g.kind for g in gs] for gs in groups]
-    if any(k != kinds[0] for k in kinds):
-        desc = "; ".join(f"model {i}: {', '.join(f'{g.name} ({len(g.units)})' for g in gs) or 'none'}"
-                         for i, gs in enumerate(groups))
-        raise HetfuseError("the models' depth structures do not pair up group by group (pooling groups, residual "
-                           f"stages and fully connected parts must correspond): {desc}")
+    if all(k == kinds[0] for k in kinds):
+        return
+    i = next(i for i, k in enumerate(kinds) if k != kinds[0])
+    ref, other = groups[0], groups[i]
+    pos = next((p for p in range(max(len(ref), len(other)))
+                if p >= len(ref) or p >= len(other) or ref[p].kind != other[p].kind), 0)
+    mine = other[pos] if pos < len(other) else None
+    theirs = ref[pos] if pos < len(ref) else None
+    lost, partner_model = (mine, 0) if mine is not None else (theirs, i)
+    desc = "; ".join(f"model {k}: {', '.join(f'{g.name} ({len(g.units)})' for g in gs) or 'none'}"
+                     for k, gs in enumerate(groups))
+    raise HetfuseError(
+        f"the models' depth structures do not pair up group by group: group {pos + 1} (1-based) of model "
+        f"{i if mine is not None else 0} is {_describe_group(lost)}, but model {partner_model} has "
+        f"{_describe_group(theirs if mine is not None else mine)} there (pooling groups, residual stages and "
+        f"fully connected parts must correspond in order). All groups: {desc}")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, HetfuseError
+from . import ops
 
 class Unmerge(nn.Module):
     """Copies fused features back into one model's neurons: output channel j is input channel ``index[j]`` (the
@@ -47,24 +48,13 @@ class Unmerge(nn.Module):
         return x.index_select(1, self.index)
 
 
-MODULE_TYPES: dict[str, tuple[type, tuple[str, ...]]] = {
-    "Unmerge": (Unmerge, ("features",)),
-    "Linear": (nn.Linear, ("in_features", "out_features", "bias")),
-    "Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                           "bias", "padding_mode")),
-    "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
-    "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
-    "ReLU": (nn.ReLU, ("inplace",)),
-    "Identity": (nn.Identity, ()),
-    "Dropout": (nn.Dropout, ("p", "inplace")),
-}
-
+# what edits may record: the op table's module types, functions and methods (graph.ops), and Unmerge
+MODULE_TYPES: dict[str, tuple[type, tuple[str, ...]]] = {"Unmerge": (Unmerge, ("features",)), **ops.spec_types()}
 FUNCTIONS: dict[str, Any] = {
     "operator.add": operator.add, "operator.iadd": operator.iadd, "torch.add": torch.add,
     "torch.relu": torch.relu, "torch.nn.functional.relu": F.relu, "torch.nn.functional.dropout": F.dropout,
-    "torch.flatten": torch.flatten,
-}
-METHODS = {"relu", "contiguous", "view", "reshape", "flatten", "size", "dim"}
+    "torch.flatten": torch.flatten, **ops.edit_functions()}
+METHODS = {"relu", "contiguous", "view", "reshape", "flatten", "size", "dim"} | ops.edit_methods()
 _FUNCTION_NAMES = {v: k for k, v in FUNCTIONS.items()}
 MAX_EDITS = 10_000
 
@@ -90,7 +80,7 @@ def _check_value(v, where: str) -> None:
     if isinstance(v, bool) or v is None or isinstance(v, str):
         return
     if isinstance(v, int):
-        if not 0 <= v <= 2**40:
+        if not -64 <= v <= 2**40:  # small negatives: dimensions counted from the end (Flatten's end_dim=-1)
             raise CheckpointError(f"{where}: value {v} out of range")
         return
     if isinstance(v, float):
@@ -115,8 +105,11 @@ def module_from_spec(spec: dict) -> nn.Module:
     for k, v in args.items():
         _check_value(v, f"{spec['type']}.{k}")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()}
-    if spec["type"] == "Conv2d" and kwargs.get("groups", 1) != 1:
-        raise CheckpointError("edits may only build convolutions with groups=1")
+    groups = kwargs.get("groups", 1)
+    if spec["type"] == "Conv2d" and groups != 1 and not (groups == kwargs.get("in_channels")
+                                                          == kwargs.get("out_channels")):
+        raise CheckpointError("edits may only build ungrouped or depthwise convolutions (groups = 1 or groups = in "
+                              "= out channels)")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, RuntimeError) as e:

@@ -105,6 +105,13 @@ class NetworkGraph:
     def widths(self) -> list[int]:
         return [s.size for s in self.spaces]
 
+    @property
+    def image_input(self) -> bool:
+        """Whether the network reads N x C x H x W images (its first layer's handler in the op table says so)."""
+        from .ops import layer_op
+
+        return bool(self.modules) and layer_op(self.modules[0].kind).image_input
+
 
 def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) -> torch.Tensor:
     """Apply a neuron-space map to one tied axis.

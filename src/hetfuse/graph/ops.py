@@ -1,0 +1,534 @@
+"""The description's op table: one handler per kind of operation a traced network may contain.
+
+Each handler says, for the nodes it recognises (:meth:`OpHandler.matches`), which neuron spaces the node reads and
+writes and which parameter axes it ties to them (:meth:`OpHandler.trace`, run by :func:`hetfuse.graph.describe`
+through a :class:`~hetfuse.graph.trace.Tracer`). Handlers of parametric layers (``kind`` set: the
+:class:`~hetfuse.graph.spec.ModuleInfo` kind they record) also say how to resize the layer to other widths
+(:meth:`LayerOp.resize`, used by the combine step and the balancers), how to build an identity layer like it
+(:meth:`LayerOp.identity`, for depth balancing) and how to make it output zero (:meth:`LayerOp.zero`, for zero
+residual blocks). Everything outside ``graph/`` asks this table; a new op is one handler registered here.
+
+The table, in the order handlers are tried: :data:`OPS`. Layer handlers by kind: :func:`layer_op`.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import HetfuseError, UnsupportedModelError
+from .spec import ParamAxis
+
+if TYPE_CHECKING:
+    from .trace import Tracer
+
+__all__ = ["OPS", "LayerOp", "OpHandler", "channelwise", "handler_for", "is_add", "is_elementwise", "is_nonnegative",
+           "is_relu", "layer_op", "module_path", "where"]
+
+_INPUT = -1
+_META = -2
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The module path of the code that made ``node`` (fx records it as ``nn_module_stack``), with its class."""
+    stack = node.meta.get("nn_module_stack") if hasattr(node, "meta") else None
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    name = getattr(cls, "__name__", str(cls))
+    return f"{path} ({name})"
+
+
+def where(node: fx.Node, modules: dict | None = None) -> str:
+    """How error messages name a node: the module path (and class) of the code that made it, then the fx node."""
+    mod = modules.get(node.target) if modules is not None and node.op == "call_module" else None
+    if mod is not None:
+        return f"{node.target} ({type(mod).__name__})"
+    path = module_path(node)
+    if path:
+        return f"{path}, node '{node.name}'"
+    return f"node '{node.name}'"
+
+
+def op_name(node: fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} module '{node.target}'"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return f"{node.op} {node.target}"
+
+
+class OpHandler:
+    """One kind of operation. ``name`` labels it in messages and docs."""
+
+    name: ClassVar[str] = ""
+    modules: ClassVar[tuple[type, ...]] = ()
+    functions: ClassVar[frozenset] = frozenset()
+    methods: ClassVar[frozenset] = frozenset()
+    # module types structural edits may record and rebuild (graph.rewrite): name -> (class, constructor arguments)
+    spec_types: ClassVar[dict[str, tuple[type, tuple[str, ...]]]] = {}
+
+    def accepts(self, mod: nn.Module | None) -> bool:
+        """Whether this handler handles a call of module ``mod``."""
+        return bool(self.modules) and isinstance(mod, self.modules)
+
+    def matches(self, node: fx.Node, mod: nn.Module | None) -> bool:
+        if node.op == "call_module":
+            return self.accepts(mod)
+        if node.op == "call_function":
+            return node.target in self.functions
+        if node.op == "call_method":
+            return node.target in self.methods
+        return False
+
+    def trace(self, t: Tracer, node: fx.Node, mod: nn.Module | None) -> None:
+        raise NotImplementedError
+
+
+class LayerOp(OpHandler):
+    """A parametric layer recorded as a :class:`~hetfuse.graph.spec.ModuleInfo` of kind ``kind``."""
+
+    kind: ClassVar[str] = ""
+    in_key: ClassVar[str] = ""
+    out_key: ClassVar[str] = ""
+    image_input: ClassVar[bool] = False  # a network starting with this layer reads N x C x H x W images
+    writes_space: ClassVar[bool] = True  # it produces a new neuron space (False: it acts within its input's)
+
+    def in_width(self, mod: nn.Module) -> int:
+        return int(getattr(mod, self.in_key))
+
+    def resize(self, args: dict, old_in: int | None, new_in: int | None, new_out: int | None) -> bool:
+        """Change a module spec's arguments (``rewrite.module_spec``) to ``new_in`` input neurons (``old_in``
+        before; a flattened conv map feeds ``block`` columns per channel) and ``new_out`` output neurons; None
+        keeps a side. Returns whether anything changed."""
+        changed = False
+        if new_in is not None and old_in:
+            block = args[self.in_key] // old_in
+            if new_in * block != args[self.in_key]:
+                args[self.in_key] = new_in * block
+                changed = True
+        if new_out is not None and new_out != args[self.out_key]:
+            args[self.out_key] = new_out
+            changed = True
+        return changed
+
+    def identity(self, template: nn.Module, width: int) -> nn.Module:
+        raise HetfuseError(f"cannot make an identity layer like a {type(template).__name__}")
+
+    def zero(self, mod: nn.Module) -> None:
+        """Make the layer output zero for any input (weight and bias 0)."""
+        with torch.no_grad():
+            mod.weight.zero_()
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.zero_()
+
+    @staticmethod
+    def _out_members(target: str, mod: nn.Module) -> list[ParamAxis]:
+        members = [ParamAxis(f"{target}.weight", 0, "out")]
+        if getattr(mod, "bias", None) is not None:
+            members.append(ParamAxis(f"{target}.bias", 0, "out"))
+        return members
+
+
+class LinearOp(LayerOp):
+    name, kind, modules = "Linear", "linear", (nn.Linear,)
+    spec_types = {"Linear": (nn.Linear, ("in_features", "out_features", "bias"))}
+    in_key, out_key = "in_features", "out_features"
+
+    def trace(self, t, node, mod):
+        v = t.source(node, node.args[0])
+        if v.spatial:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: Linear applied to a conv feature map without "
+                                        "flattening")
+        block = v.block
+        if block is None:  # flattened map of unknown size: NCHW flattening is channel-major
+            c = t.spaces[t.find(v.space)].size
+            if mod.in_features % c:
+                raise UnsupportedModelError(
+                    f"{where(node, t.modules)}: takes {mod.in_features} inputs, not a multiple of the {c} channels "
+                    "flattened into it")
+            block = mod.in_features // c
+        t.consume(node, v, f"{node.target}.weight", mod.in_features, block)
+        t.produce(node, mod, self.kind, mod.out_features, self._out_members(node.target, mod), v, spatial=False)
+
+    def identity(self, template, width):
+        new = nn.Linear(width, width, bias=template.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(torch.eye(width))
+            if new.bias is not None:
+                new.bias.zero_()
+        return new.to(device=template.weight.device, dtype=template.weight.dtype)
+
+
+def _is_depthwise(mod: nn.Conv2d) -> bool:
+    return mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+
+
+class ConvOp(LayerOp):
+    name, kind, modules = "Conv2d", "conv", (nn.Conv2d,)
+    spec_types = {"Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                                         "dilation", "groups", "bias", "padding_mode"))}
+    in_key, out_key = "in_channels", "out_channels"
+    image_input = True
+
+    def accepts(self, mod):
+        return isinstance(mod, nn.Conv2d) and not _is_depthwise(mod)
+
+    def trace(self, t, node, mod):
+        if mod.groups != 1:
+            raise UnsupportedModelError(
+                f"{where(node, t.modules)}: grouped convolution '{node.target}' (groups={mod.groups}, "
+                f"{mod.in_channels} -> {mod.out_channels} channels) is not supported: its permutations would have to "
+                "stay within groups; hetfuse supports ungrouped and depthwise (groups = in = out channels) "
+                "convolutions")
+        v = t.source(node, node.args[0])
+        if v.space != _INPUT and not v.spatial:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: Conv2d applied to a flat tensor")
+        t.consume(node, v, f"{node.target}.weight", mod.in_channels)
+        t.produce(node, mod, self.kind, mod.out_channels, self._out_members(node.target, mod), v, spatial=True)
+
+    def identity(self, template, width):
+        new = nn.Conv2d(width, width, kernel_size=3, padding=1, bias=template.bias is not None)
+        with torch.no_grad():
+            new.weight.zero_()
+            idx = torch.arange(width)
+            new.weight[idx, idx, 1, 1] = 1.0
+            if new.bias is not None:
+                new.bias.zero_()
+        return new.to(device=template.weight.device, dtype=template.weight.dtype)
+
+
+class ChannelwiseOp(LayerOp):
+    """A layer that acts on each neuron of its input space separately (its entries move with the space): it
+    writes the space it reads."""
+
+    writes_space = False
+
+    def _tie(self, t, node, mod, names: list[str], *, norm: bool) -> None:
+        v = t.source(node, node.args[0])
+        if v.space in (_INPUT, _META):
+            raise UnsupportedModelError(f"{where(node, t.modules)}: {self.name} on the raw input is not supported")
+        s = t.find(v.space)
+        width = getattr(mod, self.out_key)
+        if t.spaces[s].size != width:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: {self.name} has {width} channels, its input "
+                                        f"{t.spaces[s].size}")
+        t.spaces[s].members.extend(ParamAxis(f"{node.target}.{n}", 0, "out") for n in names)
+        if norm:
+            t.spaces[s].norms.append(node.target)
+        src = node.args[0]
+        post_norm = norm and src.op == "call_module" and isinstance(t.op_of(src), (LinearOp, ConvOp)) and \
+            len(src.users) == 1
+        if post_norm:
+            # a layer's own normalisation (conv -> BN): the layer is now read after it
+            sp = t.spaces[s]
+            if src.name in sp.act_nodes:
+                sp.act_nodes[sp.act_nodes.index(src.name)] = node.name
+            else:
+                sp.act_nodes.append(node.name)
+            if sp.act_module == sp.producers[-1]:
+                sp.act_module = node.target
+        # else a pre-activation norm (BN -> ReLU -> conv) of a value used elsewhere too, e.g. a residual stream,
+        # or a depthwise layer: its entries move with the space, but the space is still read where it is formed
+        t.vals[node] = t.value(v.space, spatial=v.spatial, hw=t.hw_of(node) or v.hw)
+        t.record(node.target, self.kind, node, v.space, v.space)
+
+
+class NormOp(ChannelwiseOp):
+    name, kind, modules = "BatchNorm", "norm", (nn.BatchNorm1d, nn.BatchNorm2d)
+    spec_types = {n: (c, ("num_features", "eps", "momentum", "affine", "track_running_stats"))
+                  for n, c in (("BatchNorm1d", nn.BatchNorm1d), ("BatchNorm2d", nn.BatchNorm2d))}
+    in_key = out_key = "num_features"
+
+    def trace(self, t, node, mod):
+        names = [n for n in ("weight", "bias", "running_mean", "running_var") if getattr(mod, n, None) is not None]
+        self._tie(t, node, mod, names, norm=True)
+
+    def resize(self, args, old_in, new_in, new_out):
+        width = new_out if new_out is not None else new_in
+        if width is not None and width != args["num_features"]:
+            args["num_features"] = width
+            return True
+        return False
+
+    def zero(self, mod):
+        """Neutral: running mean 0, variance 1, weight 1, bias 0, so BN(0) = 0."""
+        with torch.no_grad():
+            if mod.running_mean is not None:
+                mod.running_mean.zero_()
+                mod.running_var.fill_(1.0)
+            if mod.affine:
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
+
+
+class DepthwiseConvOp(ChannelwiseOp):
+    """A depthwise convolution (groups = in = out channels): channel c of its output reads channel c of its input
+    only, so its weight rows and bias move with the input's space (MobileNet inverted residuals, ConvNeXt
+    blocks)."""
+
+    name, kind = "depthwise Conv2d", "depthwise"
+    in_key = out_key = "out_channels"
+
+    def accepts(self, mod):
+        return isinstance(mod, nn.Conv2d) and _is_depthwise(mod)
+
+    def trace(self, t, node, mod):
+        v = t.source(node, node.args[0])
+        if v.space != _INPUT and not v.spatial:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: Conv2d applied to a flat tensor")
+        names = ["weight"] + (["bias"] if mod.bias is not None else [])
+        self._tie(t, node, mod, names, norm=False)
+
+    def resize(self, args, old_in, new_in, new_out):
+        width = new_out if new_out is not None else new_in
+        if width is not None and width != args["out_channels"]:
+            args["in_channels"] = args["out_channels"] = args["groups"] = width
+            return True
+        return False
+
+
+class ElementwiseOp(OpHandler):
+    """Elementwise functions (each neuron on its own, no parameters): they pass the space through."""
+
+    name = "elementwise activation"
+    modules = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
+               nn.Dropout, nn.Identity)
+    functions = frozenset({F.relu, torch.relu, F.relu6, F.hardtanh, F.leaky_relu, F.gelu, F.silu, torch.tanh,
+                           torch.sigmoid, F.hardswish, F.dropout})
+    methods = frozenset({"relu", "contiguous", "tanh", "sigmoid"})
+    spec_types = {"ReLU": (nn.ReLU, ("inplace",)), "ReLU6": (nn.ReLU6, ("inplace",)),
+                  "Hardtanh": (nn.Hardtanh, ("min_val", "max_val", "inplace")),
+                  "LeakyReLU": (nn.LeakyReLU, ("negative_slope", "inplace")), "GELU": (nn.GELU, ("approximate",)),
+                  "SiLU": (nn.SiLU, ("inplace",)), "Tanh": (nn.Tanh, ()), "Sigmoid": (nn.Sigmoid, ()),
+                  "Hardswish": (nn.Hardswish, ("inplace",)), "Identity": (nn.Identity, ()),
+                  "Dropout": (nn.Dropout, ("p", "inplace"))}
+
+    def trace(self, t, node, mod):
+        v = t.source(node, node.args[0])
+        if v.space == _META:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: unsupported use of a shape value")
+        t.vals[node] = v
+
+
+class PoolOp(OpHandler):
+    name = "pooling"
+    modules = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    spec_types = {"MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "return_indices",
+                                               "ceil_mode")),
+                  "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                               "divisor_override")),
+                  "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
+                  "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size", "return_indices"))}
+    functions = frozenset({F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d})
+
+    def trace(self, t, node, mod):
+        v = t.source(node, node.args[0])
+        if not v.spatial:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: pooling of a flat tensor")
+        out_hw = t.hw_of(node)
+        if out_hw is None:
+            size = getattr(mod, "output_size", None) if mod is not None else \
+                (node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size"))
+            adaptive = isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or \
+                node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
+            if adaptive and size in (1, (1, 1), [1, 1]):
+                out_hw = 1
+        t.vals[node] = t.value(v.space, spatial=True, hw=out_hw)
+
+
+class FlattenOp(OpHandler):
+    name = "flatten / view / reshape"
+    modules = (nn.Flatten,)
+    spec_types = {"Flatten": (nn.Flatten, ("start_dim", "end_dim"))}
+    functions = frozenset({torch.flatten})
+    methods = frozenset({"view", "reshape", "flatten"})
+
+    def trace(self, t, node, mod):
+        v = t.source(node, node.args[0])
+        if v.space == _META:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: unsupported use of a shape value")
+        if v.space != _INPUT and not v.spatial and node.op == "call_method" and node.target != "flatten":
+            _check_flat_reshape(node, t.spaces[t.find(v.space)].size)
+        out = t.value(v.space, spatial=False, block=v.block)
+        if v.spatial and v.space != _INPUT:
+            out.block = v.hw  # None when unknown: the consuming Linear's fan-in tells
+        t.vals[node] = out
+
+
+def _check_flat_reshape(node: fx.Node, size: int) -> None:
+    """A view/reshape of a flat hidden layer is only allowed as a no-op on (batch, features)."""
+    args = list(node.args[1:])
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    if len(dims) == 2 and (dims[1] in (-1, size)):
+        return
+    raise UnsupportedModelError(f"{where(node)}: reshaping a hidden layer to {tuple(dims)} is not supported")
+
+
+class AddOp(OpHandler):
+    """A residual addition: both operands live in one neuron space, a residual stream."""
+
+    name = "residual addition"
+    functions = frozenset({operator.add, operator.iadd, torch.add})
+
+    def trace(self, t, node, mod):
+        a, b = (t.source(node, x) for x in node.args[:2])
+        if _INPUT in (a.space, b.space) or _META in (a.space, b.space):
+            raise UnsupportedModelError(f"{where(node)}: addition involving the raw input or a shape value is not "
+                                        "supported")
+        ra = t.merge(node, a.space, b.space)
+        sp = t.spaces[ra]
+        sp.stream = True
+        # a stream is read where it is formed: drop the read points of operands that only feed this sum (a branch's
+        # last layer, a projection shortcut), keep the sum; an operand used elsewhere too is itself a point where
+        # the stream is formed (a pre-activation block's input: the stem output, an earlier sum)
+        for operand in node.args[:2]:
+            if operand.name in sp.act_nodes and len(operand.users) == 1:
+                sp.act_nodes.remove(operand.name)
+        sp.act_nodes.append(node.name)
+        t.vals[node] = t.value(ra, spatial=a.spatial, hw=a.hw if a.hw is not None else b.hw)
+
+
+class ShapeOp(OpHandler):
+    """``x.shape``, ``x.size(…)``, ``x.dim()`` and indexing into them: shape values, allowed as arguments of
+    view/reshape only."""
+
+    name = "shape query"
+    methods = frozenset({"size", "dim"})
+
+    def matches(self, node, mod):
+        if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+            return True
+        return node.op == "call_method" and node.target in self.methods
+
+    def trace(self, t, node, mod):
+        t.source(node, node.args[0])
+        t.vals[node] = t.value(_META)
+
+
+class ShapeIndexOp(OpHandler):
+    name = "indexing a shape"
+
+    def matches(self, node, mod):
+        return node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+
+    def trace(self, t, node, mod):
+        v = t.vals.get(node.args[0])
+        if v is None or v.space != _META:
+            raise UnsupportedModelError(_getitem_message(node))
+        t.vals[node] = t.value(_META)
+
+
+def _getitem_message(node: fx.Node) -> str:
+    index = node.args[1] if len(node.args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    axes = ["batch", "channels", "rows", "columns"]
+    parts = []
+    for k, item in enumerate(items):
+        axis = axes[k] if k < len(axes) else f"axis {k}"
+        if isinstance(item, slice) and item == slice(None):
+            continue
+        if isinstance(item, slice):
+            parts.append(f"a step over {axis}" if item.step not in (None, 1) else f"a slice of {axis}")
+        else:
+            parts.append(f"an index into {axis}")
+    what = "indexing with " + " and ".join(parts) if parts else "indexing a hidden tensor"
+    return f"{where(node)}: {what} is not supported (function getitem, index {index!r})"
+
+
+# The table, in the order the handlers are tried.
+OPS: list[OpHandler] = [LinearOp(), ConvOp(), DepthwiseConvOp(), NormOp(), ElementwiseOp(), PoolOp(), FlattenOp(),
+                        AddOp(), ShapeOp(), ShapeIndexOp()]
+_LAYERS: dict[str, LayerOp] = {h.kind: h for h in OPS if isinstance(h, LayerOp)}
+
+
+def channelwise(kind: str) -> bool:
+    """Whether layers of ModuleInfo kind ``kind`` act within their input's space (BatchNorm, depthwise conv)."""
+    return not layer_op(kind).writes_space
+
+
+def handler_for(node: fx.Node, modules: dict) -> OpHandler | None:
+    mod = modules.get(node.target) if node.op == "call_module" else None
+    return next((h for h in OPS if h.matches(node, mod)), None)
+
+
+def layer_op(kind_or_module: str | nn.Module) -> LayerOp:
+    """The layer handler of a ModuleInfo kind (``"linear"``, ``"conv"``, ``"norm"``, ``"depthwise"``) or of a
+    module."""
+    if isinstance(kind_or_module, str):
+        if kind_or_module not in _LAYERS:
+            raise HetfuseError(f"no layer handler for kind {kind_or_module!r}; known: {', '.join(_LAYERS)}")
+        return _LAYERS[kind_or_module]
+    for h in _LAYERS.values():
+        if h.accepts(kind_or_module):
+            return h
+    raise HetfuseError(f"no layer handler for a {type(kind_or_module).__name__}")
+
+
+def spec_types() -> dict[str, tuple[type, tuple[str, ...]]]:
+    """Every module type the table's handlers let structural edits record (graph.rewrite)."""
+    out: dict[str, tuple[type, tuple[str, ...]]] = {}
+    for h in OPS:
+        out.update(h.spec_types)
+    return out
+
+
+def edit_functions() -> dict[str, object]:
+    """``module.qualname`` -> function, for every function the table's handlers describe."""
+    out = {}
+    for h in OPS:
+        for f in h.functions:
+            mod = getattr(f, "__module__", None) or "builtins"
+            if f in (operator.add, operator.iadd):
+                mod = "operator"
+            out[f"{mod}.{f.__name__}"] = f
+    return out
+
+
+def edit_methods() -> set[str]:
+    return {m for h in OPS for m in h.methods}
+
+
+def supported_summary() -> str:
+    return ", ".join(h.name for h in OPS if h.name) + " (Conv2d ungrouped or depthwise)"
+
+
+# ------------------------------------------------------------------- predicates the depth structure reads
+
+
+def _of(node: fx.Node, modules: dict, cls: type) -> bool:
+    h = handler_for(node, modules)
+    return isinstance(h, cls)
+
+
+def is_elementwise(node: fx.Node, modules: dict) -> bool:
+    return _of(node, modules, ElementwiseOp)
+
+
+def is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu)
+    return node.op == "call_method" and node.target == "relu"
+
+
+def is_nonnegative(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node`` is an activation whose output is never negative (ReLU, ReLU6): an identity layer followed
+    by a ReLU after it is exactly the identity."""
+    if is_relu(node, modules):
+        return True
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU6
+    return node.op == "call_function" and node.target is F.relu6
+
+
+def is_add(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in AddOp.functions
