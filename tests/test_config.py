@@ -11,7 +11,8 @@ from hetfuse.registry import describe_methods, get_method, methods
 
 def test_defaults_are_the_clafusion_pipeline():
     c = FusionConfig()
-    assert (c.similarity, c.depth_align, c.balance, c.match, c.repair) == ("neurons", "cla", "add", "ot-acts", "auto")
+    stages = (c.similarity, c.depth_align, c.balance, c.match, c.repair)
+    assert stages == ("neurons-cka", "cla", "add", "ot-acts", "auto")
     assert c.stage("depth_align").params == {"fix_first": True, "fix_last": True}
     assert c.samples == 400 and c.repair_samples == 2000
 

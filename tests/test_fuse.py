@@ -151,7 +151,7 @@ def test_report_contents():
     assert mp["alignment"] == [0, 2] and len(group["matrix"]) == 3 and len(group["matrix"][0]) == 2
     assert group["matrix_kind"] == "cost" and mp["role"] == "shallow" and mp["reference"] == [1]
     assert {"depth_s", "match_s", "total_s"} <= set(rep["timings"])
-    assert rep["methods"] == {"similarity": "neurons", "depth_align": "cla", "balance": "add", "match": "ot-acts",
+    assert rep["methods"] == {"similarity": "neurons-cka", "depth_align": "cla", "balance": "add", "match": "ot-acts",
                               "repair": "auto"}
     assert rep["weights"] == [0.5, 0.5]
 

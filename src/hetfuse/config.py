@@ -17,7 +17,7 @@ from .errors import HetfuseError
 from .registry import FAMILIES, get_method, make_params, methods, param_infos
 
 STAGES = tuple(FAMILIES)  # similarity, depth_align, balance, match, repair (pipeline order)
-DEFAULT_METHODS = {"similarity": "neurons", "depth_align": "cla", "balance": "add", "match": "ot-acts",
+DEFAULT_METHODS = {"similarity": "neurons-cka", "depth_align": "cla", "balance": "add", "match": "ot-acts",
                    "repair": "auto"}
 CONFIG_FORMAT = "hetfuse-fusion-config"
 CONFIG_VERSION = 2

@@ -33,7 +33,7 @@ class DepthAligner(Method):
 
     family = "depth_align"
     objective: ClassVar[Literal["cost", "similarity"] | None] = "cost"
-    default_similarity: ClassVar[str] = "neurons"
+    default_similarity: ClassVar[str] = "neurons-cka"
 
     def constraints(self) -> tuple[bool, bool]:
         return bool(getattr(self.params, "fix_first", True)), bool(getattr(self.params, "fix_last", True))

@@ -8,6 +8,7 @@ from ..registry import get_method, methods
 from .base import LayerRep, Similarity
 from .neurons import Neurons  # noqa: I001  (registration order = the order of the docs and the CLI)
 from .cka import LinearCKA, RbfCKA, linear_cka, rbf_cka
+from .neurons_cka import NeuronsThenCKA
 from .wasserstein import Wasserstein, neuron_wasserstein
 from .weights import WeightSpectra, weight_spectrum_distance
 
@@ -22,6 +23,6 @@ def layer_cost_matrix(deep, shallow, representation: str):
     return get_method("similarity", representation)().matrix(deep, shallow, "cost")
 
 
-__all__ = ["LayerRep", "LinearCKA", "Neurons", "REPRESENTATIONS", "RbfCKA", "Similarity", "WeightSpectra",
-           "Wasserstein", "layer_cost_matrix", "linear_cka", "neuron_wasserstein", "rbf_cka",
+__all__ = ["LayerRep", "LinearCKA", "Neurons", "NeuronsThenCKA", "REPRESENTATIONS", "RbfCKA", "Similarity",
+           "WeightSpectra", "Wasserstein", "layer_cost_matrix", "linear_cka", "neuron_wasserstein", "rbf_cka",
            "weight_spectrum_distance"]

@@ -87,9 +87,34 @@ class ActivationSimilarity(Similarity):
         return out
 
 
-def acts_of(rep: LayerRep, where: str) -> torch.Tensor:
-    from .cka import as_float64_matrix
+def as_float64_matrix(a, name: str, device=None) -> torch.Tensor:
+    """``a`` as a finite, non-empty 2-D float64 tensor, or a :class:`HetfuseError`."""
+    if isinstance(a, torch.Tensor):
+        if a.is_complex():
+            raise HetfuseError(f"{name} must be real-valued, got complex dtype {a.dtype}")
+        t = a.detach()
+    else:
+        try:
+            arr = np.asarray(a)
+        except Exception as exc:  # ragged nested lists etc.
+            raise HetfuseError(f"{name} could not be converted to an array: {exc}") from exc
+        if arr.dtype == object or np.iscomplexobj(arr):
+            raise HetfuseError(f"{name} must be a real numeric matrix, got dtype {arr.dtype}")
+        try:
+            t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float64, copy=False)))
+        except (TypeError, ValueError) as exc:
+            raise HetfuseError(f"{name} must be a real numeric matrix: {exc}") from exc
+    if t.dim() != 2:
+        raise HetfuseError(f"{name} must be 2-D (samples × features), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise HetfuseError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+    t = t.to(dtype=torch.float64, device=device if device is not None else t.device)
+    if not bool(torch.isfinite(t).all()):
+        raise HetfuseError(f"{name} contains NaN or infinite values")
+    return t
 
+
+def acts_of(rep: LayerRep, where: str) -> torch.Tensor:
     if rep.acts is None:
         raise HetfuseError(f"{where}: this representation needs activations but LayerRep.acts is None")
     a = as_float64_matrix(rep.acts, f"{where} acts")
@@ -99,8 +124,6 @@ def acts_of(rep: LayerRep, where: str) -> torch.Tensor:
 
 
 def weight_of(rep: LayerRep, where: str) -> torch.Tensor:
-    from .cka import as_float64_matrix
-
     if rep.weight is None:
         raise HetfuseError(f"{where}: the 'weights' representation needs LayerRep.weight but it is None")
     w = rep.weight if isinstance(rep.weight, torch.Tensor) else torch.as_tensor(np.asarray(rep.weight))

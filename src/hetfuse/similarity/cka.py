@@ -12,41 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..errors import HetfuseError
 from ..registry import register
-from .base import ActivationSimilarity
+from .base import ActivationSimilarity, as_float64_matrix
 
 __all__ = ["linear_cka", "rbf_cka", "as_float64_matrix", "check_pair", "LinearCKA", "RbfCKA"]
-
-
-def as_float64_matrix(a, name: str, device=None) -> torch.Tensor:
-    """``a`` as a finite, non-empty 2-D float64 tensor, or a :class:`HetfuseError`."""
-    if isinstance(a, torch.Tensor):
-        if a.is_complex():
-            raise HetfuseError(f"{name} must be real-valued, got complex dtype {a.dtype}")
-        t = a.detach()
-    else:
-        try:
-            arr = np.asarray(a)
-        except Exception as exc:  # ragged nested lists etc.
-            raise HetfuseError(f"{name} could not be converted to an array: {exc}") from exc
-        if arr.dtype == object or np.iscomplexobj(arr):
-            raise HetfuseError(f"{name} must be a real numeric matrix, got dtype {arr.dtype}")
-        try:
-            t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float64, copy=False)))
-        except (TypeError, ValueError) as exc:
-            raise HetfuseError(f"{name} must be a real numeric matrix: {exc}") from exc
-    if t.dim() != 2:
-        raise HetfuseError(f"{name} must be 2-D (samples × features), got shape {tuple(t.shape)}")
-    if t.shape[0] == 0 or t.shape[1] == 0:
-        raise HetfuseError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
-    t = t.to(dtype=torch.float64, device=device if device is not None else t.device)
-    if not bool(torch.isfinite(t).all()):
-        raise HetfuseError(f"{name} contains NaN or infinite values")
-    return t
 
 
 def check_pair(X, Y) -> tuple[torch.Tensor, torch.Tensor]:

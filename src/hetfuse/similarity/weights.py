@@ -6,7 +6,7 @@ import torch
 
 from ..registry import register
 from .base import Similarity, weight_of
-from .cka import as_float64_matrix
+from .base import as_float64_matrix
 
 __all__ = ["weight_spectrum_distance", "WeightSpectra"]
 
