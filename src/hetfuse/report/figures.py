@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-import contextlib
+
+# Font sizes in points, at the DPI each figure is saved with (the pages show a figure at its natural size or, in
+# a narrow window, scaled down to the page's width): a legend never below 8 pt.
+LEGEND_FONTSIZE = 9
+TITLE_FONTSIZE = 10
 
 
 def _plt():
@@ -17,11 +22,14 @@ def _plt():
 
 
 def alternative_alignments(group: dict, chosen: str) -> dict[str, list[int]]:
-    """The alignments CLA, SMA and LMA give on a group's matrix (as a similarity: the negated or 1 − cost), with the
-    group's constraints; the chosen method's own first."""
+    """The alignment every dynamic-program aligner of the registry (CLA, SMA, LMA) gives on a group's matrix (as a
+    cost or as a similarity, the negated or 1 − cost, whichever its objective is), with the group's constraints;
+    the chosen method's own first."""
     import numpy as np
 
     from ..align.dp import align_depth
+    from ..align.dp_aligner import DPAligner
+    from ..registry import methods
 
     m = np.asarray(group["matrix"], dtype=float)
     bounded = group.get("bounded", True)
@@ -30,10 +38,10 @@ def alternative_alignments(group: dict, chosen: str) -> dict[str, list[int]]:
     else:
         sim, cost = m, (1.0 - m if bounded else -m)
     out = {chosen: list(group["alignment"])}
-    for method in ("cla", "sma", "lma"):
-        if method != chosen:
+    for method, cls in methods("depth_align").items():
+        if method != chosen and issubclass(cls, DPAligner):
             with contextlib.suppress(ValueError):
-                out[method] = align_depth(cost if method == "cla" else sim, method,
+                out[method] = align_depth(cost if cls.objective == "cost" else sim, cls.variant,
                                           fix_first=bool(group.get("fix_first", True)),
                                           fix_last=bool(group.get("fix_last", True)))
     return out
@@ -82,8 +90,9 @@ def plot_matrix(matrix, alignments: dict[str, list[int]], path: str | Path, *, t
     ax.set_xticks(range(m.shape[1]), [str(j + 1) for j in range(m.shape[1])])
     ax.set_yticks(range(m.shape[0]), [str(i + 1) for i in range(m.shape[0])])
     if title:
-        ax.set_title(title, fontsize=9)
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=len(alignments), frameon=False)
+        ax.set_title(title, fontsize=TITLE_FONTSIZE)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=LEGEND_FONTSIZE, ncol=len(alignments),
+               frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -116,7 +125,7 @@ def plot_weight_sweep(weights, panels: dict[str, dict[str, list[tuple[float, flo
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    axes[0][-1].legend(fontsize=LEGEND_FONTSIZE, loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -124,3 +133,45 @@ def plot_weight_sweep(weights, panels: dict[str, dict[str, list[tuple[float, flo
         warnings.simplefilter("ignore")
         fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_matching_costs(report: dict, path: str | Path) -> str | None:
+    """Bar chart of the matching cost of every neuron space, one bar group per model (the transport or
+    assignment cost that model's neurons paid to reach the fused space; for zip, 1 − their correlation with the
+    neurons merged with them). A model whose cost is 0 (the target of a matcher that maps onto it: its own
+    space) still gets its bars: a flat outline with a "0" above it, and the legend names the target. Returns
+    the file name or None (no costs, or all of them 0)."""
+    costs = (report.get("match_info") or {}).get("costs")
+    if not costs or not any(any(float(c) for c in row) for row in costs):
+        return None
+    plt = _plt()
+    n = max(len(r) for r in costs)
+    target = report.get("target")
+    fig, ax = plt.subplots(figsize=(min(10.0, max(5.0, 0.3 * n * len(costs) / 2 + 2.5)), 3.4))
+    width = 0.8 / len(costs)
+    top = max(float(c) for row in costs for c in row)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, row in enumerate(costs):
+        xs = [s + i * width for s in range(len(row))]
+        vals = [float(c) for c in row]
+        color = colors[i % len(colors)]
+        zero = all(v == 0 for v in vals)
+        label = f"model {i}" + (" (target)" if i == target else "") + (": cost 0" if zero else "")
+        ax.bar(xs, vals, width=width, color=color, edgecolor=color, linewidth=1.5, label=label)
+        for x, v in zip(xs, vals, strict=False):
+            if v == 0:
+                ax.text(x, 0.01 * top, "0", ha="center", va="bottom", fontsize=8, color=color)
+    ax.set_xticks([s + 0.4 - width / 2 for s in range(n)], [str(s + 1) for s in range(n)],
+                  fontsize=8 if n <= 30 else 6)
+    ax.set_ylim(0, 1.15 * top)
+    ax.set_xlabel("neuron space (1-based)")
+    ax.set_ylabel("matching cost")
+    ax.legend(fontsize=LEGEND_FONTSIZE, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(costs), 3),
+              frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name

@@ -7,6 +7,11 @@
 * :func:`write_experiment_report` — every ``hetfuse experiment``: its ``summary.md`` (tables with the papers'
   numbers, the wB curves of sweeps), the command, every figure in the folder (and its seed folders), the
   alignment matrices of its ``report.json`` and links to the raw CSV/JSON.
+
+Every page fits its window: a table whose long cells, wrapped, still do not fit scrolls sideways in its own
+box; figures shrink to the page's width. No page shows an absolute path of the machine that wrote it: files are
+named relative to the page or as ``$HETFUSE_CACHE/…``, ``$HETFUSE_DATA/…``, ``~/…`` (:func:`display_path`,
+:func:`scrub_paths`).
 """
 
 from __future__ import annotations
@@ -16,19 +21,24 @@ import json
 import re
 from pathlib import Path
 
+from .figures import plot_matching_costs
+
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 70rem;
-       padding: 0 1rem; color: #1d1d1f; line-height: 1.45; }
+       padding: 0 1rem; color: #1d1d1f; line-height: 1.45; overflow-wrap: break-word; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
 h3 { font-size: 1.05rem; }
-table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.55rem; text-align: right; white-space: nowrap; }
+.table-wrap { max-width: 100%; overflow-x: auto; margin: 0.8rem 0; }
+table { border-collapse: collapse; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.55rem; text-align: right; vertical-align: top; }
+th.nw, td.nw, span.nw { white-space: nowrap; }
+td.long { overflow-wrap: anywhere; min-width: 10rem; text-align: left; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f5; }
 code, pre { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: 0.85rem; }
 pre { background: #f6f8fa; padding: 0.7rem; overflow-x: auto; }
-figure { display: inline-block; margin: 0.5rem 1rem 0.5rem 0; vertical-align: top; }
-figure img { max-width: 32rem; border: 1px solid #eee; }
+figure { display: inline-block; margin: 0.5rem 1rem 0.5rem 0; vertical-align: top; max-width: calc(100% - 1rem); }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.8rem; color: #555; }
 .note { color: #555; font-size: 0.9rem; }
 """
@@ -96,9 +106,7 @@ def markdown_to_html(text: str, *, shift: int = 0) -> str:
             while i < len(lines) and lines[i].strip().startswith("|"):
                 rows.append(_cells(lines[i]))
                 i += 1
-            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head)
-                       + f"</tr></thead><tbody>{body}</tbody></table>")
+            out.append(_html_table([(_inline(c), c) for c in head], [[(_inline(c), c) for c in r] for r in rows]))
             continue
         elif re.match(r"^[-*]\s+", stripped):
             flush()
@@ -122,10 +130,103 @@ def markdown_to_html(text: str, *, shift: int = 0) -> str:
     return "\n".join(out)
 
 
+_SHORT_CELL = 24  # characters: a cell this short (a number, "23.75 ± 0.42", a name) never wraps
+
+
+_MEAN_STD = re.compile(r"^\s*([^\s±]+)\s*±\s*([^\s±]+)\s*$")
+
+
+def _cell(tag: str, content: str, plain: str) -> str:
+    """One table cell: a short one (a number) kept on one line, except that ``mean ± std`` may break before the
+    ``±`` in a crowded table; a long one (a list of widths, a path, JSON) allowed to wrap, even inside a word, so
+    that the table fits the page."""
+    m = _MEAN_STD.match(plain)
+    if m and content == html.escape(plain):
+        a, b = (html.escape(g) for g in m.groups())
+        return f'<{tag}><span class="nw">{a}</span> <span class="nw">± {b}</span></{tag}>'
+    cls = "nw" if len(plain) <= _SHORT_CELL else "long" if tag == "td" else ""
+    attr = f' class="{cls}"' if cls else ""
+    return f"<{tag}{attr}>{content}</{tag}>"
+
+
+def _html_table(header: list[tuple[str, str]], rows: list[list[tuple[str, str]]]) -> str:
+    """A table of (HTML, plain text) cells in a container that scrolls sideways when the table, its long cells
+    wrapped, is still wider than the page (the page itself never gets wider than the window)."""
+    body = "".join("<tr>" + "".join(_cell("td", h, t) for h, t in r) + "</tr>" for r in rows)
+    return ('<div class="table-wrap"><table><thead><tr>' + "".join(_cell("th", h, t) for h, t in header)
+            + f"</tr></thead><tbody>{body}</tbody></table></div>")
+
+
 def _table(header, rows) -> str:
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return ("<table><thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-            + f"</tr></thead><tbody>{body}</tbody></table>")
+    def cell(c):
+        return html.escape(str(c)), str(c)
+
+    return _html_table([cell(h) for h in header], [[cell(c) for c in r] for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+def _roots() -> list[tuple[str, str]]:
+    """(absolute folder of this machine, what a page shows instead), the most specific first: the cache root
+    (``$HETFUSE_CACHE``), the data root (``$HETFUSE_DATA``), the home folder (``~``)."""
+    import os
+
+    from ..cache import CACHE_ENV_VAR, cache_root
+
+    out = [(os.path.abspath(cache_root()), f"${CACHE_ENV_VAR}")]
+    data = os.environ.get("HETFUSE_DATA")
+    if data and os.path.isabs(os.path.expanduser(data)):
+        out.append((os.path.abspath(os.path.expanduser(data)), "$HETFUSE_DATA"))
+    home = os.path.expanduser("~")
+    if os.path.isabs(home):
+        out.append((os.path.abspath(home), "~"))
+    for root, label in list(out):  # the same folders reached through symbolic links
+        real = os.path.realpath(root)
+        if real != root:
+            out.append((real, label))
+    return sorted({r: lab for r, lab in out if len(r) > 1}.items(), key=lambda rl: -len(rl[0]))
+
+
+# a home folder or hetfuse's default cache root in text written on another machine
+_FOREIGN = [(re.compile(r"(?<![\w.~$/-])(?:/root|/home/[^/\s<>\"'`]+|/Users/[^/\s<>\"'`]+)/\.cache/hetfuse(?![\w.-])"),
+             r"$HETFUSE_CACHE"),
+            (re.compile(r"(?<![\w.~$/-])(?:/root|/home/[^/\s<>\"'`]+|/Users/[^/\s<>\"'`]+)(?=/|[\s<>\"'`)\]]|$)"),
+             "~")]
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` (plain or HTML) with every absolute path under this machine's cache root, data root or home
+    folder written as ``$HETFUSE_CACHE/…``, ``$HETFUSE_DATA/…`` or ``~/…`` (and the home folders or default
+    cache root of other machines, in text written there, likewise): a page does not show where its author
+    keeps files."""
+    for root, label in _roots():
+        text = re.sub(r"(?<![\w.~$/-])" + re.escape(root) + r"(?![\w.-])", lambda _m, lab=label: lab, text)
+    for pattern, label in _FOREIGN:
+        text = pattern.sub(lambda _m, lab=label: lab, text)
+    return text
+
+
+def display_path(path: str | Path, folder: str | Path) -> str:
+    """How a page in ``folder`` names a file: under the cache root as ``$HETFUSE_CACHE/…``, near the page
+    (at most two folders up) relative to it, under the data root or home folder as ``$HETFUSE_DATA/…`` or
+    ``~/…``, anywhere else by its file name alone (a relative ``path`` is taken from the current folder)."""
+    import os
+
+    p = os.path.abspath(os.path.expanduser(str(path)))
+    roots = _roots()
+    for root, label in roots:
+        if label.startswith("$HETFUSE_CACHE") and (p + os.sep).startswith(root + os.sep):
+            return label + p[len(root):].replace(os.sep, "/")
+    try:
+        rel = os.path.relpath(p, os.path.abspath(folder))
+    except ValueError:  # another drive
+        rel = None
+    if rel is not None and not rel.startswith(os.path.join(os.pardir, os.pardir, os.pardir)):
+        return Path(rel).as_posix()
+    for root, label in roots:
+        if (p + os.sep).startswith(root + os.sep):
+            return label + p[len(root):].replace(os.sep, "/")
+    return Path(p).name
 
 
 def _figures(names: list[str], folder: Path) -> str:
@@ -143,36 +244,40 @@ def write_page(folder: str | Path, title: str, body: str) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+    title, body = scrub_paths(title), scrub_paths(body)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
     path = folder / "index.html"
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return path
 
 
-def plot_matching_costs(report: dict, path: str | Path) -> str | None:
-    """Bar chart of the matching cost of every neuron space, one bar group per model (the transport or
-    assignment cost that model's neurons paid to reach the fused space). Returns the file name or None."""
-    costs = (report.get("match_info") or {}).get("costs")
-    if not costs or not any(any(float(c) for c in row) for row in costs):
-        return None
-    from .figures import _plt
+def _shown_cell(c, shown: dict[str, str], folder: Path):
+    """A cell of a table of the fusion report: an input checkpoint or another absolute path as the page shows
+    paths (:func:`display_path`); anything else as it is."""
+    import os
 
-    plt = _plt()
-    n = max(len(r) for r in costs)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * n + 2), 3))
-    width = 0.8 / len(costs)
-    for i, row in enumerate(costs):
-        ax.bar([s + i * width for s in range(len(row))], [float(c) for c in row], width=width, label=f"model {i}")
-    ax.set_xticks([s + 0.4 - width / 2 for s in range(n)], [str(s + 1) for s in range(n)])
-    ax.set_xlabel("neuron space (1-based)")
-    ax.set_ylabel("matching cost")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    if not isinstance(c, str):
+        return c
+    if c in shown:
+        return shown[c]
+    if os.path.isabs(c) and not any(ch.isspace() for ch in c):
+        return display_path(c, folder)
+    return c
+
+
+def _cost_meaning(match: str, info: dict, has_costs: bool) -> str:
+    if not has_costs:
+        if "zip" in match:
+            return ("Matching cost: this report holds no zip cost (zip merges neurons by their correlation; newer "
+                    "versions report 1 − the correlation of each neuron with those merged with it).")
+        return f"Matching cost: {match or 'this matcher'} reports none."
+    if info.get("cost_measure"):
+        return f"Matching cost ({match}): {info['cost_measure']}."
+    return ("Matching cost: the transport (or assignment) cost that each model's neurons paid to reach the "
+            "target's, per neuron; the target is matched onto itself, at cost 0.")
 
 
 def write_fusion_report(folder: str | Path, report: dict, *, accuracy: dict | None = None) -> Path:
@@ -182,16 +287,18 @@ def write_fusion_report(folder: str | Path, report: dict, *, accuracy: dict | No
 
     folder = Path(folder)
     cost_fig = plot_matching_costs(report, folder / "matching_cost.png")
+    inputs = [str(p) for p in report.get("inputs", ["?"] * report["n_models"])]
+    shown = {p: display_path(p, folder) for p in inputs if p != "?"}
     parts = ["<h2>Inputs</h2>",
              _table(["model", "checkpoint", "depth", "hidden widths"],
-                    [[i, p, d, ", ".join(map(str, w))] for i, (p, d, w) in
-                     enumerate(zip(report.get("inputs", ["?"] * report["n_models"]), report["depths_in"],
-                                   report["widths_in"], strict=False))]),
+                    [[i, shown.get(p, p), d, ", ".join(map(str, w))] for i, (p, d, w) in
+                     enumerate(zip(inputs, report["depths_in"], report["widths_in"], strict=False))]),
              f'<p class="note">Data: {html.escape(str(report.get("dataset", "")))}; '
              f'{html.escape(str(report.get("alignment_samples", "")))}; '
              f'weights {html.escape(str(report.get("weights")))}; '
              f'target model {report["target"]}; fused hidden widths '
-             f'{html.escape(", ".join(map(str, report["fused_widths"])))}.</p>',
+             f'{html.escape(", ".join(map(str, report["fused_widths"])))}. Checkpoints under the cache root are '
+             "shown as <code>$HETFUSE_CACHE/…</code>, others relative to this page.</p>",
              "<h2>Configuration</h2>",
              _table(["stage", "method", "parameters"],
                     [[s, st["method"], json.dumps(st.get("params", {}))] for s, st in
@@ -199,7 +306,8 @@ def write_fusion_report(folder: str | Path, report: dict, *, accuracy: dict | No
              "<details><summary>the whole configuration (JSON, as fused.config.json)</summary>"
              f"<pre><code>{html.escape(json.dumps(report['config'], indent=2))}</code></pre></details>"]
     if accuracy:
-        acc = ["<h2>Accuracy</h2>", _table(accuracy["header"], accuracy["rows"])]
+        rows = [[_shown_cell(c, shown, folder) for c in r] for r in accuracy["rows"]]
+        acc = ["<h2>Accuracy</h2>", _table(accuracy["header"], rows)]
         if accuracy.get("note"):
             acc.append(f'<p class="note">{html.escape(accuracy["note"])}</p>')
         parts[3:3] = acc
@@ -215,13 +323,19 @@ def write_fusion_report(folder: str | Path, report: dict, *, accuracy: dict | No
     parts.append("<h2>Neuron matching</h2>")
     solvers = report.get("solvers") or []
     if solvers:
-        costs = (report.get("match_info") or {}).get("costs") or []
+        match = str((report.get("methods") or {}).get("match", ""))
+        info = report.get("match_info") or {}
+        costs = info.get("costs") or []
+        missing = ("n/a (zip merges by correlation)" if "zip" in match
+                   else f"n/a ({match or 'the matcher'} reports no cost)")
         rows = []
         for i, row in enumerate(solvers):
             for s, name in enumerate(row):
-                c = costs[i][s] if i < len(costs) and s < len(costs[i]) else ""
-                rows.append([i, s + 1, name, f"{c:.4g}" if isinstance(c, (int, float)) else c])
+                c = costs[i][s] if i < len(costs) and s < len(costs[i]) else None
+                rows.append([f"{i} (target)" if i == report.get("target") else i, s + 1, name,
+                             f"{c:.4g}" if isinstance(c, (int, float)) else missing])
         parts.append(_table(["model", "neuron space (1-based)", "solver", "matching cost"], rows))
+        parts.append(f'<p class="note">{html.escape(_cost_meaning(match, info, bool(costs)))}</p>')
     if cost_fig:
         parts.append(_figures([cost_fig], folder))
     if report.get("notes"):
@@ -277,4 +391,5 @@ def write_experiment_report(folder: str | Path, title: str | None = None) -> Pat
     return write_page(folder, title, "\n".join(parts))
 
 
-__all__ = ["markdown_to_html", "plot_matching_costs", "write_experiment_report", "write_fusion_report", "write_page"]
+__all__ = ["display_path", "markdown_to_html", "plot_matching_costs", "scrub_paths", "write_experiment_report",
+           "write_fusion_report", "write_page"]
