@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..graph.spec import NetworkGraph
+from ..models import has_batchnorm  # noqa: F401  (re-exported: repair.has_batchnorm)
 from ..registry import Method
 
 
@@ -34,6 +35,3 @@ class Repair(Method):
         """Correct ``model`` (the fused network, changed in place or replaced) and return it in eval mode."""
         raise NotImplementedError
 
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

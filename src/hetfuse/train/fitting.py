@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HetfuseError
+from ..models import has_batchnorm
 from .memory_format import use_channels_last
 
-SCHEDULES = ("cosine", "step", "onecycle", "constant")
+SCHEDULES = ("cosine", "step", "onecycle", "constant", "warmup-linear")
 
 
 @dataclass
@@ -56,10 +57,15 @@ class FitSettings:
     temperature: float | None = None  # distillation
     alpha: float | None = None
     channels_last: bool = False
+    warmup_epochs: float | None = None  # warmup-linear: epochs of linear warm-up (default 5% of the run)
+    drop_last: bool = True              # drop the last incomplete batch of every epoch (needed with DDP)
+    max_steps: int | None = None        # stop after this many optimiser steps in all (the schedule spans the run)
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise HetfuseError(f"epochs and batch size must be at least 1, got {self.epochs}, {self.batch_size}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise HetfuseError(f"max_steps must be non-negative, got {self.max_steps}")
         if self.schedule not in SCHEDULES:
             raise HetfuseError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if not 0 <= self.val_fraction < 1:
@@ -70,9 +76,15 @@ class FitSettings:
             raise HetfuseError(f"temperature must be > 0 and alpha in [0, 1], got {self.temperature}, {self.alpha}")
 
 
-def lr_at(step: int, total: int, base: float, schedule: str) -> float:
+def lr_at(step: int, total: int, base: float, schedule: str, warmup_steps: int = 1) -> float:
     """The learning rate of step ``step`` (0-based) of ``total``: cosine annealing to 0, step decay (x0.1 at 50% and
-    75%), one-cycle (linear rise to ``base`` over the first 30%, cosine decay to ``base``/1e4) or constant."""
+    75%), one-cycle (linear rise to ``base`` over the first 30%, cosine decay to ``base``/1e4), warmup-linear (linear
+    rise to ``base`` over ``warmup_steps``, then linear decay to 0; ZipIt!'s recipe) or constant. The one schedule
+    list of hetfuse's training loop: closed forms, so a resumed run continues the same schedule."""
+    if schedule == "warmup-linear":
+        if step < warmup_steps:
+            return base * (step + 1) / warmup_steps
+        return base * max(0.0, (total - step) / max(1, total - warmup_steps))
     f = step / max(1, total)
     if schedule == "cosine":
         return base * 0.5 * (1 + math.cos(math.pi * f))
@@ -126,11 +138,11 @@ class FitResult:
     settings: dict = field(default_factory=dict)
 
 
-def _state_path(out: Path) -> Path:
+def state_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".state.safetensors")
 
 
-def _log_path(out: Path) -> Path:
+def log_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".log.csv")
 
 
@@ -142,7 +154,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits_of) -> 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSettings, *, out: str | Path | None = None,
         teacher: nn.Module | None = None, head=None, progress: bool = True, resume: bool = True,
-        metadata: dict | None = None, save=None, evaluate=None) -> FitResult:
+        metadata: dict | None = None, save=None, evaluate=None, desc: str | None = None) -> FitResult:
     """Train ``model`` on ``(x, y)`` (see the module docstring); returns it with the weights of its best epoch.
     ``teacher``: distil from it (``settings.temperature``, ``settings.alpha``; both networks' outputs are
     logits over the same classes). ``head``: an :class:`~hetfuse.train.heads.OutputHead` whose training logits
@@ -174,15 +186,25 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
     tr, va = split_train_val(x.shape[0], settings.val_fraction, settings.split_seed)
     x_val, y_val = x[va], y[va]
     n = tr.numel()
-    steps_per_epoch = n // settings.batch_size  # the last incomplete batch is dropped, whatever the processes
+    if settings.drop_last:
+        steps_per_epoch = n // settings.batch_size  # the last incomplete batch is dropped, whatever the processes
+    else:
+        if world > 1:
+            raise HetfuseError("drop_last=False is for one process only: with DDP every batch must split evenly")
+        steps_per_epoch = math.ceil(n / settings.batch_size)
+        if has_batchnorm(model) and steps_per_epoch > 1 and n % settings.batch_size == 1:
+            steps_per_epoch -= 1  # a batch of one example breaks batch norm in train mode
     if steps_per_epoch < 1:
         raise HetfuseError(f"{n} training examples are fewer than one batch of {settings.batch_size}")
     total = settings.epochs * steps_per_epoch
+    warmup = max(1, min(total, int(round((0.05 * settings.epochs if settings.warmup_epochs is None
+                                          else settings.warmup_epochs) * steps_per_epoch))))
+    budget = total if settings.max_steps is None else min(total, settings.max_steps)
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                           nesterov=settings.nesterov and settings.momentum > 0, weight_decay=settings.weight_decay)
     history: list[dict] = []
     best_val, best_epoch, best_state, start = -1.0, 0, None, 1
-    state_file = _state_path(out) if out is not None else None
+    state_file = state_path(out) if out is not None else None
     if resume and state_file is not None and state_file.is_file() and rank == 0:
         start, best_val, best_epoch, history, best_state = _load_state(state_file, model, opt, asdict(settings))
         start += 1
@@ -200,17 +222,23 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
     if teacher is not None:
         teacher = teacher.to(dev).eval()
     resumed_from = start - 1
-    bar = tqdm(total=(settings.epochs - start + 1) * steps_per_epoch, desc="finetune" if teacher is None else
-               "distill", disable=not progress or rank != 0, leave=False)
+    bar = tqdm(total=max(0, min(budget, settings.epochs * steps_per_epoch) - (start - 1) * steps_per_epoch),
+               desc=desc or ("finetune" if teacher is None else "distill"), disable=not progress or rank != 0,
+               leave=False)
+    steps = (start - 1) * steps_per_epoch
     try:
         for epoch in range(start, settings.epochs + 1):
+            if steps >= budget:
+                break
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
             order = tr[torch.randperm(n, generator=g)]
             aug_g = torch.Generator().manual_seed(settings.seed * 100_003 + epoch + 7_919)
             net.train()
-            tot_loss, correct, seen = 0.0, 0, 0
+            tot_loss, correct, seen, done = 0.0, 0, 0, 0
             for step in range(steps_per_epoch):
+                if steps >= budget:
+                    break
                 batch = order[step * settings.batch_size:(step + 1) * settings.batch_size]
                 params = crop_flip_params(batch.numel(), generator=aug_g) if settings.augment else None
                 if world > 1:
@@ -226,7 +254,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
                 xb, yb = xb.to(dev), yb.to(dev)
                 if channels_last and xb.dim() == 4:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                lr = lr_at((epoch - 1) * steps_per_epoch + step, total, settings.lr, settings.schedule)
+                lr = lr_at((epoch - 1) * steps_per_epoch + step, total, settings.lr, settings.schedule, warmup)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 opt.zero_grad(set_to_none=True)
@@ -243,6 +271,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
                 tot_loss += float(loss.detach()) * yb.numel()
                 correct += int((logits.detach().argmax(1) == yb).sum())
                 seen += yb.numel()
+                steps += 1
+                done += 1
                 bar.update(1)
             if world > 1:  # the log counts every process's share of the epoch
                 import torch.distributed as dist
@@ -253,20 +283,22 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
             seconds = time.perf_counter() - t0
             val = _accuracy(model, x_val, y_val, logits_of) if va.numel() else float(epoch)  # none held out: last
             rec = {"epoch": epoch, "loss": tot_loss / max(1, seen), "train_acc": 100.0 * correct / max(1, seen),
-                   "val_acc": val if va.numel() else float("nan"), "lr": lr, "seconds": seconds, "processes": world}
+                   "val_acc": val if va.numel() else float("nan"), "lr": lr, "seconds": seconds, "processes": world,
+                   "batches": done}
             if evaluate is not None:
                 rec.update({k: float(v) for k, v in evaluate(model).items()})
             history.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{val:.2f}")
             if val > best_val:
                 best_val, best_epoch = val, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if va.numel():  # none held out: the last epoch is kept, no copy needed
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if rank == 0 and out is not None:
                 meta = dict(metadata or {}, fit=asdict(settings), best_epoch=best_epoch, best_val=best_val,
                             history=history)
                 if best_epoch == epoch:
                     save(_contiguous(model), out, dict(meta, best_val=best_val if va.numel() else None))
-                _write_log(_log_path(out), history)
+                _write_log(log_path(out), history)
                 _save_state(state_file, model, opt, epoch, best_val, best_epoch, history, best_state, asdict(settings))
     finally:
         bar.close()
@@ -341,7 +373,8 @@ def _load_state(path: Path, model: nn.Module, opt, settings: dict):
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     saved = json.loads(meta.get("settings", "{}"))
-    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    defaults = asdict(FitSettings())  # a setting added since the state was written counts as its default
+    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k, defaults.get(k)) != settings.get(k))
     if changed:
         diff = ", ".join(f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
         raise HetfuseError(f"{path} holds a run with other settings ({diff}): rerun with the same "

@@ -1,45 +1,21 @@
-"""SGD training (optionally with augmentation, a one-cycle schedule, label smoothing) and evaluation
-helpers (single models and probability-averaging ensembles)."""
+"""Training a model on all of its data (the one loop of :mod:`hetfuse.train.fitting` with nothing held out) and
+evaluation helpers (single models and probability-averaging ensembles)."""
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..data.augment import random_crop_flip
 from ..errors import HetfuseError
-from .memory_format import use_channels_last
 
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _augment_seed(seed: int) -> int:
-    """Seed of the augmentation generator: derived from ``seed`` but distinct from the shuffling stream."""
-    return (int(seed) * 1_000_003 + 0x5DEECE66D) % (2 ** 63 - 1)
-
-
-SCHEDULES = ("constant", "onecycle", "warmup-linear")
 
 # The training recipe of ZipIt! and the heterogeneous-merging paper (SGD, momentum 0.9, weight decay 5e-4, peak
 # learning rate 0.4 after a linear warm-up, then linear decay to 0, per iteration; random crop + flip).
 ZIPIT_RECIPE = {"lr": 0.4, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4, "batch_size": 500,
                 "schedule": "warmup-linear", "label_smoothing": 0.0, "augment": True}
-
-
-def _warmup_linear(total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return factor
 
 
 def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, lr: float = 0.01,
@@ -48,35 +24,39 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
                 label_smoothing: float = 0.0, nesterov: bool = False, channels_last: bool = False,
                 max_batches: int | None = None, record_time: bool = False, head=None,
                 warmup_epochs: float | None = None) -> list[dict]:
-    """Train ``model`` (already initialised) with SGD + cross-entropy; returns per-epoch statistics.
+    """Train ``model`` (already initialised) with SGD + cross-entropy on all of ``(x, y)``; returns per-epoch
+    statistics. The one training loop of hetfuse (:func:`hetfuse.train.fit`) with nothing held out, every batch
+    used (the last one may be smaller) and the last epoch kept.
 
-    Batches are shuffled with a ``torch.Generator`` seeded by ``seed``. The model trains in train
-    mode (batch norm uses batch statistics) and ends in eval mode. Each history entry holds
-    ``epoch``, ``loss`` (mean training loss, label-smoothed if ``label_smoothing``) and ``train_acc``
-    (percent, on the augmented batches if ``augment``).
+    Batches are shuffled with a generator seeded by ``seed`` and the epoch. The model trains in train mode (batch
+    norm uses batch statistics) and ends in eval mode. Each history entry holds ``epoch``, ``loss`` (mean training
+    loss, label-smoothed if ``label_smoothing``) and ``train_acc`` (percent, on the augmented batches if
+    ``augment``).
 
     Options (the defaults reproduce plain SGD at a constant learning rate):
 
-    * ``augment``: random crop (zero padding 4) + horizontal flip of every batch of images
-      (:func:`hetfuse.data.random_crop_flip`) drawn from a second generator derived from ``seed``.
-    * ``schedule``: ``"constant"``, ``"onecycle"`` (``torch.optim.lr_scheduler.OneCycleLR`` with
-      ``max_lr=lr`` over all the run's batches, stepped after every batch; the momentum stays at
-      ``momentum``, it is not cycled) or ``"warmup-linear"`` (linear warm-up to ``lr`` over ``warmup_epochs``,
-      default 5% of the run and at least one batch, then linear decay to 0, per batch).
+    * ``augment``: random crop (zero padding 4) + horizontal flip of every batch of images, drawn from a
+      generator seeded by ``seed`` and the epoch.
+    * ``schedule``: one of :data:`hetfuse.train.fitting.SCHEDULES` (closed forms per batch, see
+      :func:`hetfuse.train.lr_at`): ``"constant"``, ``"onecycle"`` (linear rise to ``lr`` over 30% of the run,
+      cosine decay to ``lr``/1e4), ``"warmup-linear"`` (linear warm-up to ``lr`` over ``warmup_epochs``, default
+      5% of the run and at least one batch, then linear decay to 0), ``"cosine"``, ``"step"``.
     * ``head``: an :class:`~hetfuse.train.heads.OutputHead`; the loss is cross-entropy of its ``train_logits``
       (an embed head: scale × cosine over the model's own classes).
     * ``label_smoothing``: passed to ``F.cross_entropy``.
     * ``nesterov``: Nesterov momentum (needs ``momentum > 0``).
     * ``channels_last``: model and 4-D batches in ``torch.channels_last`` memory format, where that is safe on
       this processor (:mod:`hetfuse.train.memory_format`; elsewhere ignored, with one warning).
-    * ``max_batches``: stop after this many optimiser steps in all (for timing); the statistics of
-      the last, partial epoch cover the examples it saw. The schedule still spans the full run.
-    * ``record_time``: add ``seconds`` (wall time of the epoch's batches), ``batches`` and ``lr``
-      (learning rate of the epoch's last batch) to every history entry.
+    * ``max_batches``: stop after this many optimiser steps in all (for timing); the statistics of the last,
+      partial epoch cover the examples it saw. The schedule still spans the full run.
+    * ``record_time``: add ``seconds`` (wall time of the epoch), ``batches`` and ``lr`` (learning rate of the
+      epoch's last batch) to every history entry.
 
-    For batch-norm models a final batch of a single example is skipped (batch statistics of one
-    example are undefined).
+    For batch-norm models a final batch of a single example is skipped (batch statistics of one example are
+    undefined).
     """
+    from .fitting import SCHEDULES, FitSettings, fit
+
     if x.shape[0] != y.shape[0]:
         raise HetfuseError(f"train_model: {x.shape[0]} inputs but {y.shape[0]} labels")
     if x.shape[0] == 0:
@@ -93,78 +73,16 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
         raise HetfuseError(f"train_model: max_batches must be non-negative, got {max_batches}")
     if augment and x.ndim != 4:
         raise HetfuseError(f"train_model: augment needs N x C x H x W images, got shape {tuple(x.shape)}")
-    y = y.long()
-    if head is not None:
-        y = head.train_targets(y)
-    channels_last = use_channels_last(channels_last, model)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                          nesterov=nesterov)
-    gen = torch.Generator().manual_seed(int(seed))
-    aug_gen = torch.Generator().manual_seed(_augment_seed(seed)) if augment else None
-    n = x.shape[0]
-    n_batches = math.ceil(n / batch_size)
-    if _has_batchnorm(model) and n_batches > 1 and n % batch_size == 1:
-        n_batches -= 1  # a batch of one example breaks batch norm in train mode
-    n_seen = min(n, n_batches * batch_size)
-    total_steps = epochs * n_batches
-    sched = None
-    if schedule == "onecycle" and total_steps > 0:
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, cycle_momentum=False)
-    elif schedule == "warmup-linear" and total_steps > 0:
-        w = 0.05 * epochs if warmup_epochs is None else warmup_epochs
-        warm = max(1, min(total_steps, int(round(w * n_batches))))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_linear(total_steps, warm))
-    budget = total_steps if max_batches is None else min(total_steps, int(max_batches))
-    steps = 0
-    history: list[dict] = []
-    bar = tqdm(total=budget, desc=desc, disable=not progress, leave=False)
-    try:
-        for epoch in range(1, epochs + 1):
-            if steps >= budget:
-                break
-            model.train()
-            perm = torch.randperm(n, generator=gen)
-            total_loss, correct, seen, done = 0.0, 0, 0, 0
-            last_lr = float(opt.param_groups[0]["lr"])
-            t0 = time.perf_counter()
-            for b in range(n_batches):
-                if steps >= budget:
-                    break
-                idx = perm[b * batch_size:(b + 1) * batch_size]
-                xb, yb = x[idx], y[idx]
-                if aug_gen is not None:
-                    xb = random_crop_flip(xb, padding=4, flip=True, generator=aug_gen)
-                if channels_last and xb.ndim == 4:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                opt.zero_grad(set_to_none=True)
-                out = model(xb)
-                if head is not None:
-                    out = head.train_logits(out)
-                loss = F.cross_entropy(out, yb, label_smoothing=label_smoothing)
-                loss.backward()
-                last_lr = float(opt.param_groups[0]["lr"])
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                steps += 1
-                done += 1
-                seen += idx.numel()
-                total_loss += float(loss.detach()) * idx.numel()
-                correct += int((out.detach().argmax(dim=1) == yb).sum())
-                bar.update(1)
-            seconds = time.perf_counter() - t0
-            denom = seen if done < n_batches else n_seen
-            stats = {"epoch": epoch, "loss": total_loss / denom, "train_acc": 100.0 * correct / denom}
-            if record_time:
-                stats.update(seconds=seconds, batches=done, lr=last_lr)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['train_acc']:.2f}")
-            history.append(stats)
-    finally:
-        bar.close()
+    if epochs == 0:
         model.eval()
-    return history
+        return []
+    settings = FitSettings(epochs=epochs, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                           batch_size=batch_size, schedule=schedule, label_smoothing=label_smoothing, augment=augment,
+                           seed=seed, val_fraction=0.0, channels_last=channels_last, warmup_epochs=warmup_epochs,
+                           drop_last=False, max_steps=max_batches)
+    result = fit(model, x, y.long(), settings, head=head, progress=progress, resume=False, desc=desc)
+    keys = ("epoch", "loss", "train_acc") + (("seconds", "batches", "lr") if record_time else ())
+    return [{k: h[k] for k in keys} for h in result.history]
 
 
 @torch.no_grad()
