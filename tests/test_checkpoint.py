@@ -33,8 +33,9 @@ def test_overwrite(tmp_path):
     p = tmp_path / "m.safetensors"
     save_checkpoint(make_model(0), p)
     before = p.read_bytes()
-    with pytest.raises(CheckpointError, match="--force"):
+    with pytest.raises(CheckpointError, match="force=True") as e:  # a Python caller's keyword (the CLI: --force)
         save_checkpoint(make_model(1), p)
+    assert "--force" not in str(e.value) and "--force" in e.value.cli_message
     assert p.read_bytes() == before
     save_checkpoint(make_model(1), p, force=True)
     loaded, _ = load_checkpoint(p)
@@ -129,3 +130,84 @@ def test_no_partial_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(make_model(), target)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _conv_sequential():
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Sequential(nn.Conv2d(8, 12, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(12),
+                                    nn.ReLU(inplace=True)),
+                      nn.AvgPool2d(2), nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(), nn.Dropout(0.2),
+                      nn.Linear(48, 20), nn.BatchNorm1d(20), nn.ReLU(), nn.Identity(), nn.Linear(20, 10))
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics that differ from a fresh BatchNorm's
+            m(torch.randn(16, 3, 16, 16))
+    return m.eval()
+
+
+def test_a_plain_sequential_loads_without_base(tmp_path):
+    """nn.Sequential of standard torch layers: its layers are recorded as data, so load_model needs no base= and
+    executes no code."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from hetfuse.io import load_model, save_model
+    from hetfuse.io.checkpoint import read_header
+
+    m = _conv_sequential()
+    p = save_model(m, tmp_path / "seq.safetensors")
+    assert "sequential" in json.loads(read_header(p)[0]["base"])
+    loaded = load_model(p)
+    assert type(loaded) is nn.Sequential and not loaded.training
+    assert list(loaded.state_dict()) == list(m.state_dict())
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in m.state_dict().items())
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(loaded(x), m(x))
+    # named layers and float64 parameters
+    named = nn.Sequential(OrderedDict(fc1=nn.Linear(64, 32), act=nn.ReLU(), fc2=nn.Linear(32, 10))).double().eval()
+    back = load_model(save_model(named, tmp_path / "named.safetensors"))
+    y = torch.randn(3, 64, dtype=torch.float64)
+    assert back.fc1.weight.dtype == torch.float64 and torch.equal(back(y), named(y))
+
+
+def test_a_sequential_with_other_layers_still_needs_base(tmp_path):
+    from torch import nn
+
+    from hetfuse.io import load_model, save_model
+
+    class Scale(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    m = nn.Sequential(nn.Linear(4, 4), Scale()).eval()
+    p = save_model(m, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="Sequential.*base="):
+        load_model(p)
+    x = torch.randn(2, 4)
+    assert torch.equal(load_model(p, base=nn.Sequential(nn.Linear(4, 4), Scale()))(x), m(x))
+
+
+@pytest.mark.parametrize("layer", [
+    {"type": "Module", "args": {}},  # not a listed layer type
+    {"type": "Linear", "args": {"in_features": 4, "out_features": 4, "bias": True, "device": "cpu"}},
+    {"type": "Conv2d", "args": {"in_channels": 4, "out_channels": 4, "kernel_size": 1, "padding_mode": "os.system"}},
+    {"type": "Linear", "args": {"in_features": 4, "out_features": 2**50}},
+])
+def test_a_tampered_sequential_description_is_refused(tmp_path, layer):
+    from torch import nn
+
+    from hetfuse.io import save_model
+    from hetfuse.io.checkpoint import read_header
+
+    p = save_model(nn.Sequential(nn.Linear(4, 4)), tmp_path / "s.safetensors")
+    meta, _ = read_header(p)
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(p)), str(bad), metadata=dict(meta, base=json.dumps({"sequential": [["0", layer]]})))
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        load_checkpoint(bad)

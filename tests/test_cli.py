@@ -135,3 +135,67 @@ def test_models_with_different_input_sizes_are_refused(trained, tmp_path, capsys
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "hetfuse.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "fuse" in out.stdout and "experiment" in out.stdout
+
+
+def test_version(capsys):
+    import hetfuse
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"hetfuse {hetfuse.__version__}\n"
+
+
+def test_elastic_zip_takes_a_list_of_widths(trained, tmp_path, capsys):
+    from hetfuse.graph import describe
+
+    d, a, b = trained
+    out = tmp_path / "z.safetensors"
+    base = ["fuse", str(a), str(b), "--dataset", "digits", "--match", "elastic-zip", "--samples", "100",
+            "--out", str(out), "--quiet"]
+    assert main(base + ["--width", "40,30,20"]) == 0  # one width per neuron space of the balanced networks
+    assert describe(load_checkpoint(out)[0]).widths == [40, 30, 20]
+    assert json.loads((tmp_path / "z.config.json").read_text())["stages"]["match"]["params"]["width"] == [40, 30, 20]
+    capsys.readouterr()
+    for value, widths in (("min", [32, 24, 16]), ("target", [32, 32, 16])):  # target: a's, with its identity layer
+        assert main(base + ["--width", value, "--force"]) == 0
+        assert describe(load_checkpoint(out)[0]).widths == widths
+    for value, words in (("40,x", ["--width", "40,x", "comma-separated"]), ("40,,20", ["--width", "comma-separated"]),
+                         ("widest", ["max|min|target"]), ("40,30", ["2 widths", "3 neuron spaces"]),
+                         ("=0,30,20", ["positive"])):
+        flag = ["--width" + value] if value.startswith("=") else ["--width", value]
+        assert main(base + flag + ["--force"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("hetfuse fuse: error: "), err
+        for w in words:
+            assert w in err[0], err
+
+
+def test_an_existing_output_is_refused_with_the_command_lines_words(trained, tmp_path, capsys, monkeypatch):
+    """save_model tells a Python caller force=True; the same refusal on the command line says --force."""
+    import hetfuse.cli
+
+    d, a, b = trained
+    out = tmp_path / "t.safetensors"
+    out.write_bytes(a.read_bytes())
+    monkeypatch.setattr(hetfuse.cli, "_refuse_existing", lambda paths, force: None)  # as if it appeared meanwhile
+    assert main(["train", "--arch", "mlp:8", "--dataset", "digits", "--epochs", "1", "--out", str(out),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--force" in err and "force=True" not in err
+    assert out.read_bytes() == a.read_bytes()
+
+
+def test_check_and_eval_a_plain_sequential(tmp_path, capsys):
+    from torch import nn
+
+    from hetfuse.io import save_model
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Dropout(0.1),
+                        nn.Sequential(nn.Linear(24, 16), nn.BatchNorm1d(16), nn.ReLU()), nn.Linear(16, 10))
+    path = save_model(seq, tmp_path / "seq.safetensors")
+    assert main(["check", str(path)]) == 0
+    assert "2 hidden neuron spaces [24, 16]" in capsys.readouterr().out
+    assert main(["eval", str(path), "--dataset", "digits", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"][0]["path"] == str(path)

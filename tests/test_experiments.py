@@ -171,7 +171,7 @@ def test_class_split_smoke(digits, tmp_path):
     again = run_class_split("mnist", out_dir=out, dataset=digits, setting=setting, samples=60, progress=False,
                             cache=tmp_path / "cache", resume=True)
     assert len(again) == 14
-    with pytest.raises(HetfuseError, match="--force"):
+    with pytest.raises(HetfuseError, match="force=True"):
         run_class_split("mnist", out_dir=out, dataset=digits, setting=setting, samples=60, progress=False,
                         cache=tmp_path / "cache")
 

@@ -217,3 +217,54 @@ def test_the_first_cifar_decode_says_what_it_does(tmp_path, capsys):
     assert "decoding cifar10" in capsys.readouterr().err
     load_cifar("cifar10", tmp_path, cache_dir=tmp_path / "cache")
     assert "decoding" not in capsys.readouterr().err  # cached: nothing to say
+
+
+def test_a_dataloader_is_sampled_like_a_tensor():
+    """A DataLoader over the same rows gives the same seeded random samples as the tensor (not its first n rows),
+    and only a bounded part of a long iterable is read."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import hetfuse
+    from hetfuse.pipeline import gather_samples
+
+    torch.manual_seed(0)
+    x, y = torch.randn(1000, 64), torch.randint(0, 10, (1000,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    for n, seed in ((100, 0), (100, 3), (1000, 1)):
+        assert torch.equal(gather_samples(loader, n, seed=seed), gather_samples(x, n, seed=seed))
+    assert not torch.equal(gather_samples(loader, 100), x[:100])
+    read = []
+
+    def batches():  # endless: reading stops at max(n, the rows that fit in pool_bytes)
+        k = 0
+        while True:
+            read.append(k)
+            yield torch.full((10, 4), float(k))
+            k += 1
+
+    got = gather_samples(batches(), 30, seed=0, pool_bytes=100 * 4 * 4)  # 100 rows of 4 float32
+    assert len(read) == 10 and got.shape == (30, 4) and len(set(got[:, 0].tolist())) > 3
+    with pytest.raises(DataError, match="asked 50, the data gave 20"):
+        gather_samples(iter([torch.zeros(20, 4)]), 50)
+    from torch import nn
+
+    a = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    b = nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 12), nn.ReLU(), nn.Linear(12, 10))
+    f1 = hetfuse.fuse([a, b], x, samples=200).model
+    f2 = hetfuse.fuse([a, b], loader, samples=200).model
+    assert all(torch.equal(p, q) for p, q in zip(f1.state_dict().values(), f2.state_dict().values(), strict=True))
+
+
+def test_the_demo_shows_its_progress(capsys):
+    from hetfuse.demo import run_demo
+
+    table = run_demo(epochs=1, progress=True)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    lines = [ln[ln.index("["):] for ln in err.splitlines() if re.search(r"\[ *\d+\.\d s\]", ln)]
+    assert len(lines) >= 7, err
+    for stage in ("training model A", "training model B", "balance add", "balance merge", "done"):
+        assert any(stage in ln for ln in lines), (stage, lines)
+    assert "model A" in table
+    run_demo(epochs=1, progress=False)  # --quiet
+    assert capsys.readouterr().err == ""
+    assert "about 10 s" not in README and "hetfuse --version" in README

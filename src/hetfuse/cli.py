@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
+from . import __version__
 from .errors import HetfuseError
+from .evaluate import (accuracies, check_dims, fused_head, fusion_accuracy, head_meta, load_models,
+                       task_accuracies)
 
 
 
@@ -84,11 +88,37 @@ def _add_method_options(p: argparse.ArgumentParser, stages=_STAGES) -> None:
         if info.annotation is bool:
             p.add_argument(flag, dest=f"param_{name}", action=argparse.BooleanOptionalAction, default=None,
                            help=helptext)
-        elif info.choices is not None and all(isinstance(c, str) for c in info.choices):
+        elif _only_choices(info):
             p.add_argument(flag, dest=f"param_{name}", default=None, choices=list(info.choices), help=helptext)
+        else:  # parsed (and refused with one clear line) by registry.parse_param in _config_from_args
+            p.add_argument(flag, dest=f"param_{name}", default=None, metavar=_metavar(info), help=helptext)
+
+
+def _only_choices(info) -> bool:
+    """Whether a parameter takes nothing but a few names (argparse's choices), e.g. ``Literal["pre", "post"]``; a
+    parameter that also takes another type (elastic-zip's ``width``: max|min|target or a list of ints) does not."""
+    from .registry import union_args
+
+    if info.choices is None or not all(isinstance(c, str) for c in info.choices):
+        return False
+    return all(get_origin(a) is Literal or a is type(None) for a in union_args(info.annotation))
+
+
+def _metavar(info) -> str:
+    """The flag's value as the CLI takes it, e.g. FLOAT, max|min|target|W1,W2,..."""
+    from .registry import union_args
+
+    parts = []
+    for a in union_args(info.annotation):
+        if a is type(None):
+            continue
+        if get_origin(a) is Literal:
+            parts.append("|".join(str(v) for v in get_args(a)))
+        elif get_origin(a) is list:
+            parts.append("W1,W2,..." if info.name == "width" else "N1,N2,...")
         else:
-            metavar = info.type_name.replace(" or none", "").upper().replace(" ", "_")
-            p.add_argument(flag, dest=f"param_{name}", default=None, metavar=metavar, help=helptext)
+            parts.append(getattr(a, "__name__", str(a)).upper())
+    return "|".join(parts)
 
 
 def _config_from_args(a, weights=None, **fixed):
@@ -149,6 +179,8 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hetfuse", description="Fuse trained networks of different depths and widths.")
+    ap.add_argument("--version", action="version", version=f"hetfuse {__version__}",
+                    help="print the version (hetfuse X.Y.Z) and exit")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from the zoo",
@@ -287,7 +319,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the fusion methods of every stage and their parameters")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--markdown", action="store_true", help="print the README's method table")
+    p.add_argument("--markdown", nargs="?", const="table", default=None, choices=["table", "flags"],
+                   help="print the README's method table (--markdown or --markdown table) or its list of the "
+                        "stage and method-parameter flags (--markdown flags)")
 
     p = sub.add_parser("eval", help="test accuracy of checkpoints and of their prediction ensemble")
     p.add_argument("models", nargs="+")
@@ -357,59 +391,6 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
         raise HetfuseError(f"output exists: {', '.join(existing)} (pass --force to overwrite)")
 
 
-def _load_models(paths: list[str], allow_pickle: bool):
-    from .io import load_checkpoint
-
-    models, metas = [], []
-    for p in paths:
-        m, meta = load_checkpoint(p, allow_pickle=allow_pickle)
-        models.append(m)
-        metas.append(meta)
-    return models, metas
-
-
-def _head(meta: dict, ds):
-    from .train import OutputHead
-
-    return OutputHead.from_dict(meta.get("head"), ds.num_classes)
-
-
-def _check_dims(models, ds, paths, metas=None) -> None:
-    from .graph import describe
-    from .multihead import MultiHead
-
-    for k, (m, p) in enumerate(zip(models, paths, strict=False)):
-        head = _head(metas[k] if metas else {}, ds)
-        if isinstance(m, MultiHead):
-            m = m.heads[0]
-            continue  # its trunk reads the data; its heads' outputs are checked when scored
-        g = describe(m)
-        conv = g.modules[0].kind == "conv"
-        want = ds.input_shape[0] if conv else ds.input_dim
-        unit = "input channels" if conv else "input features"
-        if g.input_dim != want or g.output_dim != head.outputs:
-            outs = f"{ds.num_classes} classes" if head.kind == "linear" else f"a {head.dim}-d embedding head"
-            raise HetfuseError(f"{p}: model maps {g.input_dim} inputs to {g.output_dim} outputs, but {ds.name} has "
-                               f"{want} {unit} and {outs}")
-
-
-_CIFAR_TRAIN_DEFAULTS = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "batch_size": 128, "weight_decay": 5e-4,
-                         "schedule": "onecycle", "label_smoothing": 0.1, "augment": True}
-_PLAIN_TRAIN_DEFAULTS = {"lr": 0.01, "momentum": 0.5, "nesterov": False, "batch_size": 64, "weight_decay": 0.0,
-                         "schedule": "constant", "label_smoothing": 0.0, "augment": False}
-
-
-def _train_settings(a) -> dict:
-    """The training hyper-parameters: explicit flags, else the recipe's or the data set family's defaults."""
-    from .train import ZIPIT_RECIPE
-
-    cifar = a.dataset.strip().lower() in ("cifar10", "cifar100")
-    defaults = _CIFAR_TRAIN_DEFAULTS if cifar else _PLAIN_TRAIN_DEFAULTS
-    if getattr(a, "recipe", "default") == "zipit":
-        defaults = dict(ZIPIT_RECIPE, augment=ZIPIT_RECIPE["augment"] and cifar)
-    return {k: (getattr(a, k) if getattr(a, k) is not None else v) for k, v in defaults.items()}
-
-
 def cmd_train(a) -> int:
     import torch
 
@@ -417,12 +398,13 @@ def cmd_train(a) -> int:
     from .io import save_checkpoint
     from .models import parse_arch, model_from_arch
     from .train import OutputHead, parse_classes, predict_logits, task_metrics, train_model
+    from .train.recipes import CIFAR_TRAIN_DEFAULTS, train_settings
 
     out = Path(a.out)
     _refuse_existing([out], a.force)
     if a.epochs < 1:
         raise HetfuseError("--epochs must be at least 1")
-    cfg = _train_settings(a)
+    cfg = train_settings(a.dataset, a.recipe, **{k: getattr(a, k) for k in CIFAR_TRAIN_DEFAULTS})
     if cfg["batch_size"] < 1:
         raise HetfuseError("--batch-size must be at least 1")
     classes = parse_classes(a.classes)
@@ -502,22 +484,22 @@ def cmd_fuse(a) -> int:
     else:
         weights = _parse_weights(a.weights, len(a.models))
     config = _config_from_args(a, weights).validate(len(a.models))
-    models, metas = _load_models(a.models, a.allow_pickle)
+    models, metas = load_models(a.models, a.allow_pickle)
     ds = load_dataset(a.dataset, a.data_root)
-    _check_dims(models, ds, a.models, metas)
-    head_meta = _fused_head(metas, ds, a.models)
+    check_dims(models, ds, a.models, metas)
+    fhead = fused_head(metas, ds, a.models)
     result = fuse(models, ds.x_train, config=config)
     report = dict(result.report, inputs=[str(p) for p in a.models], dataset=a.dataset,
                   alignment_samples=f"{result.report['samples']} random training images (seed {a.seed})")
     save_checkpoint(result.model, out, metadata={"fused_from": [str(p) for p in a.models], "config": config.to_dict(),
-                                                 "dataset": a.dataset, **head_meta}, force=a.force)
+                                                 "dataset": a.dataset, **fhead}, force=a.force)
     _atomic_write(config_path, config.to_json() + "\n")
     if report_dir is not None:
         from .report import plot_alignment_matrices
         from .report.html import write_fusion_report
 
         report["figures"] = plot_alignment_matrices(report, report_dir)
-        report["accuracy"] = _fusion_accuracy(a.models, models, metas, result.model, head_meta, ds, config.weights)
+        report["accuracy"] = fusion_accuracy(a.models, models, metas, result.model, fhead, ds, config.weights)
         _atomic_write(report_dir / "report.json", json.dumps(report, indent=2) + "\n")
         write_fusion_report(report_dir, report, accuracy=report["accuracy"])
     from .report.tables import describe_alignment
@@ -529,51 +511,29 @@ def cmd_fuse(a) -> int:
     return 0
 
 
-def _fusion_accuracy(paths, models, metas, fused, head_meta: dict, ds, weights) -> dict:
-    """The report's accuracy table on the test split: each input, their prediction ensemble, the fused model
-    (joint and per-task accuracy when the inputs were trained on different classes)."""
-    from .config import normalize_weights
-    from .train import OutputHead, ensemble_accuracy, ensemble_task_metrics, model_task_metrics
-
-    heads = [_head(m, ds) for m in metas]
-    fused_head = OutputHead.from_dict(head_meta.get("head"), ds.num_classes)
-    tasks = [list(t) for t in head_meta["head_classes"]]
-    split = len({tuple(sorted(t)) for t in tasks}) > 1
-    tasks = tasks if split else [list(range(ds.num_classes))]
-    x, y = ds.x_test, ds.y_test
-    rows = []
-    for p, m, h, meta in zip(paths, models, heads, metas, strict=False):
-        r = model_task_metrics(m, h, x, y, tasks, meta.get("head_classes"))
-        rows.append([p, r["joint"], *r["tasks"], r["per_task_avg"]] if split else [p, r["joint"]])
-    w = normalize_weights(weights, len(models))
-    if split:
-        ens = ensemble_task_metrics(models, heads, x, y, tasks, [m.get("head_classes") for m in metas])
-        rows.append(["ensemble (each model on its classes)", ens["joint"], *ens["tasks"], ens["per_task_avg"]])
-    else:
-        rows.append([f"ensemble (weights {w})", ensemble_accuracy(models, w, x, y)])
-    r = model_task_metrics(fused, fused_head, x, y, tasks, head_meta.get("head_classes"))
-    rows.append(["fused", r["joint"], *r["tasks"], r["per_task_avg"]] if split else ["fused", r["joint"]])
-    rows = [[row[0], *(f"{v:.2f}" for v in row[1:])] for row in rows]
-    header = ["model", "joint"] + [f"task {k + 1}" for k in range(len(tasks))] + ["per-task avg"] if split else \
-        ["model", "test accuracy (%)"]
-    note = (f"{ds.name} test split ({y.numel()} images)" + ("; joint = argmax over every class, task k = argmax over "
-                                                         "task k's classes on its images" if split else ""))
-    return {"header": header, "rows": rows, "note": note}
-
-
-def _fused_head(metas: list[dict], ds, paths) -> dict:
-    """The output head of a fused model (the inputs' common head, over the union of their classes) and, for a
-    multi-head result, the classes of each input."""
-    heads = [_head(m, ds) for m in metas]
-    keys = {(h.kind, h.dim, h.seed, h.scale) if h.kind == "embed" else ("linear",) for h in heads}
-    if len(keys) > 1:
-        kinds = ", ".join(h.kind for h in heads)
-        raise HetfuseError(f"the checkpoints score their outputs differently ({kinds} heads, "
-                           f"{paths}): fuse models that share their output space")
-    classes = None if any(h.classes is None for h in heads) else sorted({c for h in heads for c in h.classes})
-    head = dict(heads[0].to_dict(), classes=classes)
-    return {"head": head, "head_classes": [h.classes if h.classes is not None else list(range(h.num_classes))
-                                           for h in heads]}
+def stage_flags_markdown() -> str:
+    """The README's list of ``fuse``'s stage flags and method-parameter flags, rendered from the parser (so from
+    the registries: every method name, every parameter), as ``hetfuse methods --markdown flags`` prints it."""
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    lines = []
+    for act in sub.choices["fuse"]._actions:
+        if act.dest not in _STAGES and not act.dest.startswith("param_"):
+            continue
+        positive = [o for o in act.option_strings if not o.startswith("--no-")]
+        negation = [o for o in act.option_strings if o.startswith("--no-")] if positive else []
+        flag, *aliases = positive or act.option_strings
+        if act.choices is not None:
+            values = "|".join(act.choices)
+            values = f" [{values}]" if act.nargs == "?" else f" {values}"
+        elif act.metavar is not None:
+            values = f" {act.metavar}"
+        else:
+            values = ""
+        names = f"`{flag}{values}`" + "".join(f" / `{o}`" for o in negation)
+        alias = f" (alias {', '.join(f'`{o}`' for o in aliases)})" if aliases else ""
+        helptext = " ".join((act.help or "").replace("%%", "%").split())
+        lines.append(f"- {names}{alias}: {helptext}")
+    return "\n".join(lines)
 
 
 def cmd_methods(a) -> int:
@@ -581,6 +541,8 @@ def cmd_methods(a) -> int:
 
     if a.json:
         print(json.dumps(describe_methods(), indent=2))
+    elif a.markdown == "flags":
+        print(stage_flags_markdown())
     elif a.markdown:
         print(methods_markdown())
     else:
@@ -593,17 +555,17 @@ def cmd_methods(a) -> int:
     return 0
 
 
-def _fit_run(a, model, head_meta: dict, *, teacher=None, source: dict) -> int:
+def _fit_run(a, model, heads: dict, *, teacher=None, source: dict) -> int:
     """finetune / distill: fit ``model`` on --dataset, write the checkpoint (rank 0) and print its accuracy."""
     from .data import load_dataset
     from .graph import describe
     from .io import save_checkpoint
     from .multihead import MultiHead
     from .train import FitSettings, OutputHead, fit, predict_logits, task_metrics
-    from .train.fitting import _log_path, _state_path, distributed
+    from .train.fitting import distributed, log_path, state_path
 
     out = Path(a.out)
-    state, log = _state_path(out), _log_path(out)
+    state, log = state_path(out), log_path(out)
     rank, world = distributed()
     if a.restart:
         if rank == 0:
@@ -614,11 +576,11 @@ def _fit_run(a, model, head_meta: dict, *, teacher=None, source: dict) -> int:
     if isinstance(model, MultiHead):
         raise HetfuseError("a multi-head network cannot be finetuned as one classifier")
     ds = load_dataset(a.dataset, a.data_root)
-    head = OutputHead.from_dict(head_meta.get("head"), ds.num_classes)
+    head = OutputHead.from_dict(heads.get("head"), ds.num_classes)
     if head.classes is not None:
         raise HetfuseError("the checkpoint is a class-split task model (its head covers some classes only); "
                            "finetune and distill train on every class")
-    conv = describe(model).modules[0].kind == "conv"
+    conv = describe(model).image_input
     augment = conv if a.augment is None else a.augment
     if augment and not conv:
         raise HetfuseError("--augment crops images, but the model is an MLP; pass --no-augment")
@@ -631,7 +593,7 @@ def _fit_run(a, model, head_meta: dict, *, teacher=None, source: dict) -> int:
                            channels_last=a.channels_last)
     if ds.note and rank == 0:
         print(f"note: {ds.note}")
-    meta = dict(head_meta, dataset=a.dataset, **source)
+    meta = dict(heads, dataset=a.dataset, **source)
     x_train, y_train = flat(ds.x_train), ds.y_train
     if a.limit is not None:
         import torch
@@ -661,12 +623,8 @@ def _fit_run(a, model, head_meta: dict, *, teacher=None, source: dict) -> int:
 
 
 def cmd_finetune(a) -> int:
-    models, metas = _load_models([a.model], a.allow_pickle)
-    return _fit_run(a, models[0], _head_meta(metas[0]), source={"finetuned_from": a.model})
-
-
-def _head_meta(meta: dict) -> dict:
-    return {k: meta[k] for k in ("head", "head_classes") if k in meta}
+    models, metas = load_models([a.model], a.allow_pickle)
+    return _fit_run(a, models[0], head_meta(metas[0]), source={"finetuned_from": a.model})
 
 
 def _student(spec: str, ds, seed: int, allow_pickle: bool):
@@ -682,21 +640,21 @@ def _student(spec: str, ds, seed: int, allow_pickle: bool):
             raise HetfuseError(f"--student {spec!r}: {e}") from None
         torch.manual_seed(seed)
         return model_from_arch(arch), {"arch_spec": arch_spec}
-    models, metas = _load_models([spec], allow_pickle)
+    models, metas = load_models([spec], allow_pickle)
     return models[0], metas[0]
 
 
 def cmd_distill(a) -> int:
     from .data import load_dataset
 
-    teachers, tmetas = _load_models([a.teacher], a.allow_pickle)
+    teachers, tmetas = load_models([a.teacher], a.allow_pickle)
     ds = load_dataset(a.dataset, a.data_root)
     student, smeta = _student(a.student, ds, a.seed, a.allow_pickle)
-    _check_dims([teachers[0], student], ds, [a.teacher, a.student], [tmetas[0], smeta])
+    check_dims([teachers[0], student], ds, [a.teacher, a.student], [tmetas[0], smeta])
     for who, meta in (("teacher", tmetas[0]), ("student", smeta)):
         if (meta.get("head") or {}).get("kind", "linear") != "linear":
             raise HetfuseError(f"the {who} has an embedding head; distillation matches class logits")
-    return _fit_run(a, student, _head_meta(smeta), teacher=teachers[0],
+    return _fit_run(a, student, head_meta(smeta), teacher=teachers[0],
                     source={"distilled_from": a.teacher, "student_init": a.student,
                             "temperature": a.temperature, "alpha": a.alpha})
 
@@ -707,9 +665,9 @@ def _two_checkpoints(a, paths: list[str]):
 
     out = Path(a.out)
     _refuse_existing([out], a.force)
-    models, metas = _load_models(paths, a.allow_pickle)
+    models, metas = load_models(paths, a.allow_pickle)
     ds = load_dataset(a.dataset, a.data_root)
-    _check_dims(models, ds, paths, metas)
+    check_dims(models, ds, paths, metas)
     return out, models, metas, ds
 
 
@@ -721,7 +679,7 @@ def cmd_deepen(a) -> int:
     out, models, metas, ds = _two_checkpoints(a, [a.model, a.like])
     config = _config_from_args(a, balance="add", target=1)
     model, alignment = deepen(models[0], models[1], ds.x_train, config=config)
-    save_checkpoint(model, out, metadata=dict(_head_meta(metas[0]), dataset=a.dataset, deepened_from=a.model,
+    save_checkpoint(model, out, metadata=dict(head_meta(metas[0]), dataset=a.dataset, deepened_from=a.model,
                                               like=a.like, alignment=alignment, config=config.to_dict()),
                     force=a.force)
     print(f"{out}: {a.model} deepened to the depth of {a.like}; shallow unit → deep unit (1-based): "
@@ -737,7 +695,7 @@ def cmd_transfer(a) -> int:
     config = _config_from_args(a, target=1)
     res = transfer(models[0], models[1], ds.x_train, mapping=a.mapping, then=a.then, config=config)
     report = {k: v for k, v in res.report.items() if k != "fusion"}
-    save_checkpoint(res.model, out, metadata=dict(_head_meta(metas[1]), dataset=a.dataset, transferred_from=a.src,
+    save_checkpoint(res.model, out, metadata=dict(head_meta(metas[1]), dataset=a.dataset, transferred_from=a.src,
                                                   into=a.dst, transfer=report, config=config.to_dict()),
                     force=a.force)
     then = {"ot": ", then fused with DST (OT)", "avg": ", then averaged with DST", None: ""}[a.then]
@@ -752,22 +710,16 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def cmd_eval(a) -> int:
-    from .config import normalize_weights
     from .data import load_dataset
-    from .train import accuracy, ensemble_accuracy
 
     if a.weights is not None and not a.ensemble:
         raise HetfuseError("--weights sets the ensemble's weights: pass --ensemble with it")
-    models, metas = _load_models(a.models, a.allow_pickle)
+    models, metas = load_models(a.models, a.allow_pickle)
     ds = load_dataset(a.dataset, a.data_root)
-    _check_dims(models, ds, a.models, metas)
+    check_dims(models, ds, a.models, metas)
     if a.tasks is not None:
         return _eval_tasks(a, models, metas, ds)
-    accs = [accuracy(m, ds.x_test, ds.y_test) for m in models]
-    ens = None
-    weights = normalize_weights(_parse_weights(a.weights, len(models)), len(models))
-    if a.ensemble:
-        ens = ensemble_accuracy(models, weights, ds.x_test, ds.y_test)
+    accs, ens, weights = accuracies(models, ds, _parse_weights(a.weights, len(models)), a.ensemble)
     if a.json:
         rows = [{"path": p, "accuracy": acc} for p, acc in zip(a.models, accs, strict=True)]
         print(json.dumps({"dataset": a.dataset, "models": rows,
@@ -782,19 +734,14 @@ def cmd_eval(a) -> int:
 
 
 def _eval_tasks(a, models, metas, ds) -> int:
-    from .train import ensemble_task_metrics, model_task_metrics, parse_tasks
+    from .train import parse_tasks
 
     tasks = parse_tasks(a.tasks)
-    heads = [_head(m, ds) for m in metas]
-    x = ds.x_test
-    rows = [dict(path=p, **model_task_metrics(m, h, x, ds.y_test, tasks, meta.get("head_classes")))
-            for p, m, h, meta in zip(a.models, models, heads, metas, strict=False)]
-    ens = None
-    if a.ensemble:
-        if a.weights is not None:
-            raise HetfuseError("the ensemble of task models (--tasks) scores each class with the model trained on "
-                               "it; it takes no --weights")
-        ens = ensemble_task_metrics(models, heads, x, ds.y_test, tasks, [m.get("head_classes") for m in metas])
+    if a.ensemble and a.weights is not None:
+        raise HetfuseError("the ensemble of task models (--tasks) scores each class with the model trained on "
+                           "it; it takes no --weights")
+    scores, ens = task_accuracies(models, metas, ds, tasks, a.ensemble)
+    rows = [dict(path=p, **r) for p, r in zip(a.models, scores, strict=True)]
     if a.json:
         print(json.dumps({"dataset": a.dataset, "tasks": tasks, "models": rows, "ensemble": ens}))
         return 0
@@ -812,10 +759,10 @@ def cmd_check(a) -> int:
 
     from .graph import check_permutation_invariance, describe
 
-    models, _ = _load_models([a.model], a.allow_pickle)
+    models, _ = load_models([a.model], a.allow_pickle)
     model = models[0]
     g = describe(model)
-    shape = (g.input_dim, a.image_size, a.image_size) if g.modules[0].kind == "conv" else (g.input_dim,)
+    shape = (g.input_dim, a.image_size, a.image_size) if g.image_input else (g.input_dim,)
     x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(a.seed))
     diff = check_permutation_invariance(model, g, x, seed=a.seed)
     print(f"{a.model}: {g.depth} hidden neuron spaces {g.widths}; permuting all of them changed the outputs by "
@@ -897,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except HetfuseError as exc:
-        print(f"hetfuse {args.command}: error: {exc}", file=sys.stderr)
+        print(f"hetfuse {args.command}: error: {exc.cli_message or exc}", file=sys.stderr)
         details = getattr(exc, "details", None)
         if details and getattr(args, "verbose", False):
             print(details, file=sys.stderr)

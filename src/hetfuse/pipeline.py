@@ -23,7 +23,7 @@ from .align.base import DepthAlignment, ModelAlignment, GroupAlignment, align_de
 from .combine import AlignedNetworks, apply_maps, combine, fused_skeleton, load_fused, shares
 from .config import FusionConfig, normalize_weights
 from .errors import DataError, HetfuseError
-from .graph.activations import rows, run_batches
+from .graph.activations import node_moments
 from .graph.correspond import ParamSlot, param_slots
 from .graph.groups import check_group_pairing, depth_groups
 from .graph.spec import NetworkGraph
@@ -66,8 +66,8 @@ class PreparedFusion:
         w = normalize_weights(weights if weights is not None else self.config.weights, len(self.balanced))
         model = load_fused(self.skeleton, self.aligned.slots, self.target_index, combine(self.aligned, w), self.graph)
         method = self._repair_method(repair)
-        if self.match.info.get("zip_until"):
-            return self._multihead(model, method)
+        if self.match.assemble is not None:  # a matcher that builds its own kind of network (partial zipping)
+            return self.match.assemble(self, model, method)
         if method.name != "none":
             beta = shares(self.aligned, w)
 
@@ -78,29 +78,6 @@ class PreparedFusion:
                 return mean, std
 
             model = method.repair(model, RepairContext(self.graph, self.repair_samples, target_stats))
-        return model.eval()
-
-    def _multihead(self, fused: nn.Module, method) -> nn.Module:
-        """The partially zipped network: the fused trunk up to the cut, and every model's own head after it."""
-        from .graph.rewrite import Unmerge, apply_edit, editable_copy
-        from .multihead import MultiHead, cut_node
-        from .repair.bn_reset import reset_batchnorm
-
-        k = self.match.info["zip_until"]
-        trunk = apply_edit(editable_copy(fused), {"op": "truncate", "at": cut_node(self.graph, k)})
-        heads = []
-        for i, (m, g) in enumerate(zip(self.balanced, self.balanced_graphs, strict=False)):
-            cut = cut_node(g, k)
-            s = next(s for s, sp in enumerate(g.spaces) if cut in _reads(g, sp))
-            labels = self.match.maps[i][s].inn.argmax(1)
-            unmerge = Unmerge(labels.numel())
-            unmerge.index.copy_(labels)
-            heads.append(apply_edit(editable_copy(m), {"op": "tail", "after": cut, "features": labels.numel(),
-                                                       "module": "hetfuse_unmerge"},
-                                    {"hetfuse_unmerge": unmerge.to(labels.device)}))
-        model = MultiHead(trunk, heads).eval()
-        if method.name != "none":  # statistics repair of a multi-head network: the BN reset (REPAIR is not defined)
-            reset_batchnorm(model, self.repair_samples)
         return model.eval()
 
     def _repair_method(self, repair):
@@ -129,68 +106,64 @@ class PreparedFusion:
         return self._stats
 
 
-def _reads(graph: NetworkGraph, space) -> set[str]:
-    """Every node where a space's values can be read: its pre-activations and what follows them up to the ReLU."""
-    from .graph.activations import read_nodes
-
-    idx = graph.spaces.index(space)
-    return set(space.act_nodes) | set(read_nodes(graph, post=True)[idx])
-
-
 def space_moments(model: nn.Module, graph: NetworkGraph, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per neuron space of ``graph`` (the description of ``model``'s structure), every neuron's (mean, std) over
-    the samples, all read points of a stream together."""
-    acc: list[list] = [[0, 0.0, 0.0] for _ in graph.spaces]
-    node_space: dict[str, list[int]] = {}
-    for s, sp in enumerate(graph.spaces):
-        for node in sp.act_nodes:
-            node_space.setdefault(node, []).append(s)
-
-    def take(_start, vals):
-        for node, v in vals.items():
-            r = rows(v).to(torch.float64)
-            for s in node_space[node]:
-                a = acc[s]
-                a[0] += r.shape[0]
-                a[1] = a[1] + r.sum(0)
-                a[2] = a[2] + (r * r).sum(0)
-
-    run_batches(model, list(node_space), x, take)
+    the samples, all read points of a stream pooled together (:func:`hetfuse.graph.node_moments` per read point,
+    combined by their observation counts)."""
+    nodes = [n for sp in graph.spaces for n in sp.act_nodes]
+    moments = node_moments(model, graph, nodes, x, counts=True)
     out = []
-    for cnt, s1, s2 in acc:
-        mean = s1 / cnt
-        out.append((mean, (s2 / cnt - mean * mean).clamp_min(0.0).sqrt()))
+    for sp in graph.spaces:
+        parts = [moments[n] for n in sp.act_nodes]
+        total = sum(n for _, _, n in parts)
+        mean = sum(m * n for m, _, n in parts) / total
+        second = sum((v + m * m) * n for m, v, n in parts) / total
+        out.append((mean, (second - mean * mean).clamp_min(0.0).sqrt()))
     return out
 
 
 # ------------------------------------------------------------------------------------------------- inputs
 
 
-def gather_samples(data, n: int, *, seed: int = 0, at_least: int | None = None) -> torch.Tensor:
-    """Up to ``n`` inputs from a tensor (a seeded random subset; the first ``k`` of them for any k are the same
-    whatever ``n``) or from an iterable of batches (the first ``n``, in order; batches may be tensors or
-    ``(inputs, labels)`` pairs). Fewer than ``at_least`` (default ``n``) is a :class:`DataError`."""
+POOL_BYTES = 256 * 2**20  # how much of an iterable of batches gather_samples holds to draw from
+
+
+def gather_samples(data, n: int, *, seed: int = 0, at_least: int | None = None,
+                   pool_bytes: int = POOL_BYTES) -> torch.Tensor:
+    """Up to ``n`` inputs, a seeded random subset of ``data`` (the first ``k`` of them for any k are the same whatever
+    ``n``). ``data``: a tensor, or an iterable of batches (a ``DataLoader``; batches may be tensors or ``(inputs,
+    labels)`` pairs), read until it ends or has given max(``n``, as many rows as ``pool_bytes`` hold) rows, and drawn
+    from the same way — so a ``DataLoader`` over a tensor of at most that size gives exactly the tensor's samples.
+    Fewer than ``at_least`` (default ``n``) is a :class:`DataError`."""
     need = n if at_least is None else at_least
     if isinstance(data, torch.Tensor):
-        if data.shape[0] < need:
-            raise DataError(f"fewer samples than requested: asked {need}, have {data.shape[0]}")
-        g = torch.Generator().manual_seed(seed)
-        return data[torch.randperm(data.shape[0], generator=g)[:n]]
-    if not isinstance(data, Iterable):
+        pool = data
+    elif not isinstance(data, Iterable):
         raise DataError(f"data must be a tensor or an iterable of batches, got {type(data).__name__}")
-    parts, have = [], 0
-    for batch in data:
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        if not isinstance(batch, torch.Tensor):
-            raise DataError(f"a data batch must be a tensor or (inputs, labels), got {type(batch).__name__}")
-        parts.append(batch)
-        have += batch.shape[0]
-        if have >= n:
-            break
-    if have < need:
-        raise DataError(f"fewer samples than requested: asked {need}, the data gave {have}")
-    return torch.cat(parts)[:n]
+    else:
+        parts, have, cap = [], 0, None
+        for batch in data:
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            if not isinstance(batch, torch.Tensor):
+                raise DataError(f"a data batch must be a tensor or (inputs, labels), got {type(batch).__name__}")
+            if batch.dim() == 0:
+                raise DataError("a data batch must hold a batch of inputs (a tensor with a batch dimension)")
+            if cap is None:
+                row = max(1, math.prod(batch.shape[1:]) * batch.element_size())
+                cap = max(n, pool_bytes // row)
+            parts.append(batch[:cap - have])
+            have += parts[-1].shape[0]
+            if have >= cap:
+                break
+        if not parts:
+            raise DataError(f"fewer samples than requested: asked {need}, the data gave 0")
+        pool = torch.cat(parts)
+    if pool.shape[0] < need:
+        raise DataError(f"fewer samples than requested: asked {need}, "
+                        + (f"have {pool.shape[0]}" if pool is data else f"the data gave {pool.shape[0]}"))
+    g = torch.Generator().manual_seed(seed)
+    return pool[torch.randperm(pool.shape[0], generator=g)[:n]]
 
 
 def _check_finite(i: int, model: nn.Module) -> None:
@@ -202,8 +175,7 @@ def _check_finite(i: int, model: nn.Module) -> None:
 def _fit_inputs(x: torch.Tensor, graph: NetworkGraph) -> torch.Tensor:
     """The samples in the layout the networks read: images for a network that starts with a convolution,
     flat feature vectors (flattened if need be) for one that starts with a Linear layer."""
-    first = graph.modules[0]
-    if first.kind == "conv":
+    if graph.image_input:
         if x.dim() != 4 or x.shape[1] != graph.input_dim:
             raise DataError(f"data samples have shape {tuple(x.shape[1:])}; the models expect images with "
                             f"{graph.input_dim} channels (N x C x H x W)")
@@ -240,7 +212,7 @@ def prepare_inputs(models: Sequence[nn.Module], data, config: FusionConfig
         raise HetfuseError(f"models take different input sizes: {[g.input_dim for g in graphs]}")
     if len({g.output_dim for g in graphs}) > 1:
         raise HetfuseError(f"models give different output sizes: {[g.output_dim for g in graphs]}")
-    kinds = {g.modules[0].kind for g in graphs}
+    kinds = {g.image_input for g in graphs}
     if len(kinds) > 1:
         raise HetfuseError("cannot fuse networks that start with a convolution with networks that start with a "
                            "Linear layer")
@@ -251,7 +223,10 @@ def prepare_inputs(models: Sequence[nn.Module], data, config: FusionConfig
     device = first.device if first is not None else torch.device("cpu")
     pool = pool.to(device=device, dtype=torch.float32)
     x, x_repair = pool[:config.samples], pool[:config.repair_samples]
-    models = [copy.deepcopy(m).to(device).eval() for m in models]
+    from .io.sequential import remember_sequential_base
+
+    # a plain nn.Sequential remembers its description, so that what the fusion makes of it saves without base=
+    models = [remember_sequential_base(copy.deepcopy(m).to(device).eval()) for m in models]
     try:
         graphs = [describe(m, example=x[:2]) for m in models]
     except RuntimeError as exc:
@@ -344,9 +319,11 @@ def fuse(models: Sequence[nn.Module], data, *, weights: Sequence[float] | None =
          **options) -> FusionResult:
     """Fuse ``models`` (``nn.Module``s of any depths and widths) into one network.
 
-    ``data``: a tensor of inputs or an iterable of batches (tensors or ``(inputs, labels)``), from which
-    ``samples`` inputs are drawn for activations and alignment and ``repair_samples`` (default 2000, capped by
-    the data) for the repair. ``weights[i]`` is the weight of ``models[i]`` (uniform when None). ``target``:
+    ``data``: a tensor of inputs or an iterable of batches (a ``DataLoader``; tensors or ``(inputs, labels)``),
+    from which ``samples`` inputs are drawn at random (with ``seed``) for activations and alignment and
+    ``repair_samples`` (default 2000, capped by the data) for the repair — from a tensor and from an iterable
+    alike (see :func:`gather_samples`: an iterable is read up to max(samples, repair_samples) rows or 256 MiB).
+    ``weights[i]`` is the weight of ``models[i]`` (uniform when None). ``target``:
     whose widths and neuron order the fused network takes (default: the shallowest). The stages:
     ``representation`` (alias ``similarity``), ``depth_align``, ``balance``, ``match``, ``repair`` (a method name;
     ``True``/``False`` = ``"auto"``/``"none"``); every other keyword is a parameter of a chosen method (e.g.

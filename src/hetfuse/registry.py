@@ -126,7 +126,7 @@ class ParamInfo:
 
     @property
     def choices(self) -> tuple | None:
-        args = [a for a in _union_args(self.annotation) if get_origin(a) is Literal]
+        args = [a for a in union_args(self.annotation) if get_origin(a) is Literal]
         return tuple(v for a in args for v in get_args(a)) or None
 
 
@@ -139,7 +139,8 @@ def param_infos(cls: type[Method]) -> list[ParamInfo]:
     return out
 
 
-def _union_args(ann) -> tuple:
+def union_args(ann) -> tuple:
+    """The members of a union annotation (``(ann,)`` for anything else)."""
     if get_origin(ann) in (typing.Union, types.UnionType):
         return get_args(ann)
     return (ann,)
@@ -147,7 +148,7 @@ def _union_args(ann) -> tuple:
 
 def _type_name(ann) -> str:
     parts = []
-    for a in _union_args(ann):
+    for a in union_args(ann):
         if a is type(None):
             parts.append("none")
         elif get_origin(a) is Literal:
@@ -161,7 +162,7 @@ def _type_name(ann) -> str:
 
 def _conforms(value, ann) -> tuple[bool, Any]:
     """(ok, normalised value) for ``value`` against the annotation ``ann``."""
-    for a in _union_args(ann):
+    for a in union_args(ann):
         if a is type(None):
             if value is None:
                 return True, None
@@ -211,7 +212,7 @@ def make_params(cls: type[Method], values: dict) -> Any:
 def parse_param(info: ParamInfo, text: str) -> Any:
     """A parameter value from its command-line text, by the parameter's annotation."""
     text = text.strip()
-    for a in _union_args(info.annotation):
+    for a in union_args(info.annotation):
         if a is type(None) and text.lower() in ("none", ""):
             return None
         if get_origin(a) is Literal:
@@ -232,12 +233,13 @@ def parse_param(info: ParamInfo, text: str) -> Any:
                 pass
         if get_origin(a) is list:
             try:
-                return [int(x) for x in text.split(",") if x.strip()]
+                return [int(x) for x in text.split(",")]
             except ValueError:
                 pass
         if a is str:
             return text
-    raise HetfuseError(f"--{info.name.replace('_', '-')} {text!r}: expected {info.type_name}")
+    expected = info.type_name.replace("list of int", "comma-separated integers (e.g. 64,32)")
+    raise HetfuseError(f"--{info.name.replace('_', '-')} {text!r}: expected {expected}")
 
 
 def iter_methods() -> Iterator[tuple[str, type[Method]]]:

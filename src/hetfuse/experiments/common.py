@@ -194,7 +194,9 @@ def prepare_output(out_dir, force: bool = False) -> Path:
     existing = sorted(p.name for p in out.iterdir() if p.is_file()) if out.is_dir() else []
     if existing and not force:
         shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
-        raise HetfuseError(f"{out} already holds results ({shown}); pass --force to replace them")
+        what = f"{out} already holds results ({shown})"
+        raise HetfuseError(f"{what}; pass force=True to replace them",
+                           cli_message=f"{what}; pass --force to replace them")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

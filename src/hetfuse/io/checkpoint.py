@@ -1,9 +1,11 @@
 """Checkpoints: safetensors files that describe how to rebuild the model without executing code.
 
 A checkpoint holds the tensors and, in its metadata, the model's *base* — ``{"zoo": arch}`` for a model of
-hetfuse's zoo, ``{"class": "module.QualName"}`` for a user's class (rebuilt from a fresh instance the caller
-passes as ``base=``) — and the structural *edits* made to it (identity layers and zero blocks inserted,
-layers folded, layers resized, biases added; :mod:`hetfuse.graph.rewrite`), as data.
+hetfuse's zoo, ``{"sequential": [...]}`` for a plain ``nn.Sequential`` of standard torch layers (its layers and
+their constructor arguments, :mod:`hetfuse.io.sequential`), ``{"class": "module.QualName"}`` for a user's class
+(rebuilt from a fresh instance the caller passes as ``base=``) — and the structural *edits* made to it
+(identity layers and zero blocks inserted, layers folded, layers resized, biases added;
+:mod:`hetfuse.graph.rewrite`), as data.
 
 Loading treats the file as untrusted: the base and the edits are first replayed on the ``meta`` device (no
 memory is allocated) and the resulting parameter names and shapes must equal the tensors' before anything
@@ -63,13 +65,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict | No
     (see the module docstring), and ``metadata`` (any JSON-able dict). Returns the path."""
     from safetensors.torch import save_file
 
-    from ..graph.rewrite import base_of, edits_of
+    from .sequential import base_and_edits
 
     path = Path(path)
     if path.exists() and path.is_dir():
         raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
     if path.exists() and not force:
-        raise CheckpointError(f"refusing to overwrite existing checkpoint {path} (pass --force to replace it)")
+        what = f"refusing to overwrite existing checkpoint {path}"
+        raise CheckpointError(f"{what} (pass force=True to replace it)",
+                              cli_message=f"{what} (pass --force to replace it)")
     from ..multihead import MultiHead
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -79,10 +83,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict | No
                 "extra": json.dumps(metadata if metadata is not None else {})}
         if isinstance(model, MultiHead):
             parts = [model.trunk, *model.heads]
-            meta["multihead"] = json.dumps([{"base": base_of(p), "edits": edits_of(p)} for p in parts])
+            meta["multihead"] = json.dumps([{"base": b, "edits": e} for b, e in map(base_and_edits, parts)])
         else:
-            meta["base"] = json.dumps(base_of(model))
-            meta["edits"] = json.dumps(edits_of(model))
+            base, edits = base_and_edits(model)
+            meta["base"] = json.dumps(base)
+            meta["edits"] = json.dumps(edits)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot save checkpoint {path}: metadata is not JSON-serialisable ({e})") from None
     try:
@@ -146,7 +151,22 @@ def _build(base_desc: dict, edits: list, base: nn.Module | None, path: Path, n_t
                 model = model_from_arch(arch)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {path}: bad architecture {arch!r}: {e}") from None
+    elif "sequential" in base_desc:
+        from .sequential import sequential_from_spec
+
+        try:
+            with torch.device(device):
+                model = sequential_from_spec(base_desc)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
     elif "class" in base_desc:
+        if base is None and base_desc["class"] == "torch.nn.modules.container.Sequential":
+            from .sequential import LAYERS
+
+            raise CheckpointError(f"checkpoint {path} holds an nn.Sequential with layers other than "
+                                  f"{', '.join(LAYERS)} (or a nested Sequential of them), so its architecture is "
+                                  "not in the file: load it in Python with hetfuse.load_model(path, base=<a fresh "
+                                  "instance of that Sequential>)")
         if base is None:
             raise CheckpointError(f"checkpoint {path} holds a {base_desc['class']} (not a hetfuse zoo model): load it "
                                   f"in Python with hetfuse.load_model(path, base=<a fresh instance of that class>)")
@@ -234,7 +254,7 @@ def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False, base
         if allow_pickle:
             return _load_pickle(path)
         raise CheckpointError(f"{path} is not a valid safetensors checkpoint (corrupt, truncated or another format); "
-                              "if it is a torch.save file you trust, pass --allow-pickle")
+                              "if it is a torch.save file you trust, pass --allow-pickle (allow_pickle=True)")
     meta, shapes = read_header(path)
     if meta.get("format") == FORMAT and "multihead" in meta:
         return _load_multihead(path, meta, shapes, base, device)
@@ -300,7 +320,8 @@ def _load_multihead(path: Path, meta: dict, shapes: dict, base, device) -> tuple
 def load_model(path: str | os.PathLike, base: nn.Module | None = None, *, allow_pickle: bool = False,
                device: str | torch.device = "cpu") -> nn.Module:
     """Load a model saved with :func:`save_model` (in eval mode). ``base``: a fresh instance of the user's class,
-    needed only for models that are not from hetfuse's zoo (the checkpoint records the class's name)."""
+    needed only for models that are neither from hetfuse's zoo nor a plain ``nn.Sequential`` of standard torch
+    layers (the checkpoint records the class's name)."""
     return load_checkpoint(path, allow_pickle=allow_pickle, base=base, device=device)[0]
 
 

@@ -42,11 +42,15 @@ class SpaceMap:
 @dataclass
 class MatchResult:
     """``widths[s]``: the fused width of space s; ``maps[i][s]``: network i's :class:`SpaceMap` for space s;
-    ``info``: JSON-able details (``solvers[i][s]``: how each map was found)."""
+    ``info``: JSON-able details (``solvers[i][s]``: how each map was found). ``assemble``: for a matcher whose
+    result is another kind of network than the target's (partial zipping: a multi-head network), a callable
+    ``assemble(prepared, fused, repair_method) -> nn.Module`` that builds it from the combined network; None
+    otherwise."""
 
     widths: list[int]
     maps: list[list[SpaceMap]]
     info: dict = field(default_factory=dict)
+    assemble: object = None
 
 
 @dataclass

@@ -119,6 +119,25 @@ def greedy_zip(corr: torch.Tensor, origin: torch.Tensor, r: int, *, alpha: float
     return torch.from_numpy(out), info
 
 
+ZIP_COST = ("1 − the mean correlation of each neuron with the other neurons zipped into its fused neuron (0 for "
+            "a neuron left alone), averaged over the model's neurons")
+
+
+def zip_costs(corr: torch.Tensor, labels: torch.Tensor, origin: torch.Tensor, n_models: int) -> list[float]:
+    """The merge cost of every model in one neuron space (see ``ZIP_COST``): how far, in correlation, its neurons
+    moved to reach the fused neurons."""
+    c = torch.nan_to_num(corr.detach().cpu().to(torch.float64), nan=0.0)
+    lab = labels.cpu().long()
+    d, r = c.shape[0], int(lab.max()) + 1
+    onehot = torch.zeros(d, r, dtype=torch.float64)
+    onehot[torch.arange(d), lab] = 1.0
+    others = onehot.sum(0)[lab] - 1  # the other members of each feature's cluster
+    with_them = (c @ onehot)[torch.arange(d), lab] - c.diagonal()
+    cost = torch.where(others > 0, 1.0 - with_them / others.clamp(min=1), torch.zeros_like(with_them))
+    origin = origin.cpu()
+    return [float(cost[origin == i].mean()) if bool((origin == i).any()) else 0.0 for i in range(n_models)]
+
+
 @dataclass
 class ZipParams:
     alpha: float = field(default=0.3, metadata={
@@ -143,7 +162,14 @@ class ZipParams:
 @dataclass
 class ElasticZipParams(ZipParams):
     width: Literal["max", "min", "target"] | list[int] = field(default="max", metadata={
-        "help": "fused widths: max (the widest model's, per space), min, target, or one int per neuron space"})
+        "help": "fused widths: max (the widest model's, per space), min, target, or one int per neuron space "
+                "(on the command line: comma-separated, e.g. --width 64,48,32)"})
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.width, list) and (not self.width or any(w < 1 for w in self.width)):
+            raise HetfuseError(f"width must be max, min, target or one positive int per neuron space, got "
+                               f"{self.width}")
 
 
 class _Zip(NeuronMatcher):
@@ -158,11 +184,14 @@ class _Zip(NeuronMatcher):
         k = ctx.n_models
         maps: list[list[SpaceMap]] = [[] for _ in range(k)]
         merges = []
+        costs: list[list[float]] = [[] for _ in range(k)]
         for s in range(ctx.n_spaces):
             sizes = [g.spaces[s].size for g in ctx.graphs]
             corr = torch.cat([torch.cat([st.correlation(i, j, s) for j in range(k)], dim=1) for i in range(k)], dim=0)
             origin = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
             labels, info = greedy_zip(corr, origin, widths[s], alpha=self.params.alpha, beta=self.params.beta)
+            for i, c in enumerate(zip_costs(corr, labels, origin, k)):
+                costs[i].append(c)
             offset = 0
             for i, n in enumerate(sizes):
                 lab = labels[offset:offset + n].cpu()
@@ -173,8 +202,14 @@ class _Zip(NeuronMatcher):
             merges.append({"space": s, "features": sum(sizes), "fused": widths[s],
                            "within_model_merges": info["within"], "budgets": info["budget"],
                            "forced": info["forced"]})
+        assemble = None
+        if self.params.zip_until:
+            from ..multihead import MultiHeadAssembly
+
+            assemble = MultiHeadAssembly(self.params.zip_until)
         return MatchResult(widths, maps, {"solvers": [["zip"] * ctx.n_spaces for _ in range(k)], "merges": merges,
-                                          "zip_until": self.params.zip_until})
+                                          "zip_until": self.params.zip_until, "costs": costs,
+                                          "cost_measure": ZIP_COST}, assemble)
 
 
 @register
