@@ -78,6 +78,10 @@ def _summary(rows, seeds, epochs, samples, wb_grid, cmd) -> str:
              f"{samples} alignment samples. Accuracy (mean ± std over seeds) at each weight of B; "
              "the last columns give "
              "the best weight of each method (by mean).", "", f"Command: `{cmd}`", "",
+             "No paper numbers exist for this table: the CLAFusion paper has no table of every aligner × matcher. "
+             "Its skill-transfer table (Table 8) has only its own method (CLA on the number of neurons + OT, adding "
+             "or merging layers, without REPAIR); our rows of that method, beside the paper's, are in "
+             "`results/skill_transfer/summary.md`.", "",
              "| aligner | matcher | mapping (1-based) | " + " | ".join(f"wB {wb}" for wb in wb_grid) +
              " | best | gap to the ensemble at that wB |", "|---|---|---|" + "---|" * (len(wb_grid) + 2)]
     for align, match in itertools.product(ALIGNERS, MATCHERS):
