@@ -59,26 +59,32 @@ class Parent:
         return {"kind": "embed", "classes": list(self.classes), "scale": CLASS_SPLIT_EMBED_SCALE}
 
 
-def _class_split(arch_key: str, arch: str, epochs: int) -> list[Parent]:
+def _class_split(archs: dict[str, str], epochs: int, splits=(0, 1)) -> list[Parent]:
+    """Every task model of a class-split table: per split, each architecture on task A and on task B (the table's
+    two directions and its homogeneous rows need all four)."""
     out = []
-    for k, (a, b) in enumerate(_SPLITS):
-        for task, classes in (("A", a), ("B", b)):
-            out.append(Parent(f"cs{k}{task}-{arch_key}", arch, epochs, seed=100 * (task == "B"),
-                              classes=tuple(classes)))
+    for k in splits:
+        for task, classes in (("A", _SPLITS[k][0]), ("B", _SPLITS[k][1])):
+            for key, arch in archs.items():
+                out.append(Parent(f"cs{k}{task}-{key}", arch, epochs, seed=100 * (task == "B"),
+                                  classes=tuple(classes)))
     return out
 
 
-# Training order: the depth pair of the class-split tables first (the most reused), then the full-data pairs.
+_RESNETS = {"resnet20": "resnet20:w=1", "resnet32": "resnet32:w=1"}
+_VGGS = {"vgg11": "vgg11:w=0.5,bn", "vgg16": "vgg16:w=0.5,bn"}
+
+# Training order: one complete split of the ResNet depth pair first (the first table that can be run), then the
+# second split, the full-data ResNet pair, the VGG pair, the width pair.
 PARENTS: dict[str, Parent] = {p.name: p for p in [
-    *_class_split("resnet20", "resnet20:w=1", 30),
-    *_class_split("resnet32", "resnet32:w=1", 30),
+    *_class_split(_RESNETS, 30, splits=(0,)),
+    *_class_split(_RESNETS, 30, splits=(1,)),
     Parent("full-resnet20", "resnet20:w=1", 40),
     Parent("full-resnet32", "resnet32:w=1", 40),
-    *_class_split("vgg11", "vgg11:w=0.5,bn", 30),
-    *_class_split("vgg16", "vgg16:w=0.5,bn", 30),
+    *_class_split(_VGGS, 30),
     Parent("full-vgg11", "vgg11:w=0.5,bn", 40),
     Parent("full-vgg16", "vgg16:w=0.5,bn", 40),
-    *_class_split("resnet20x2", "resnet20:w=2", 30),
+    *_class_split({"resnet20x2": "resnet20:w=2"}, 30),
 ]}
 
 
