@@ -392,13 +392,10 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
 
 
 def cmd_train(a) -> int:
-    import torch
-
-    from .data import load_dataset, skill_split
+    from .data import load_dataset
     from .io import save_checkpoint
-    from .models import parse_arch, model_from_arch
-    from .train import OutputHead, parse_classes, predict_logits, task_metrics, train_model
-    from .train.recipes import CIFAR_TRAIN_DEFAULTS, train_settings
+    from .train import OutputHead, parse_classes
+    from .train.recipes import CIFAR_TRAIN_DEFAULTS, train_from_spec, train_settings
 
     out = Path(a.out)
     _refuse_existing([out], a.force)
@@ -414,49 +411,20 @@ def cmd_train(a) -> int:
     if not a.embed_scale > 0:
         raise HetfuseError(f"--embed-scale must be positive, got {a.embed_scale}")
     head = OutputHead(a.head, ds.num_classes, classes, dim=a.embed_dim, seed=a.embed_seed, scale=a.embed_scale)
-    try:
-        arch = parse_arch(a.arch, input_dim=ds.input_dim, output_dim=head.outputs, bias=a.bias,
-                          input_shape=ds.input_shape)
-    except ValueError as e:
-        raise HetfuseError(f"--arch {a.arch!r}: {e}") from None
-    torch.manual_seed(a.seed)
-    model = model_from_arch(arch)
-    conv = arch.get("type") != "mlp"
-    if cfg["augment"] and not conv:
-        raise HetfuseError(f"--augment crops images, but {a.arch} is an MLP; pass --no-augment")
-    x_train = ds.x_train if conv or ds.x_train.ndim == 2 else ds.x_train.reshape(ds.x_train.shape[0], -1)
-    if classes is not None:
-        idx = torch.nonzero(torch.isin(ds.y_train, torch.tensor(classes))).flatten()
-    else:
-        idx = skill_split(ds.y_train, a.split, seed=a.split_seed)
     if ds.note:
         print(f"note: {ds.note}")
-    hist = train_model(model, x_train[idx], ds.y_train[idx], epochs=a.epochs, lr=cfg["lr"],
-                       momentum=cfg["momentum"], batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"],
-                       seed=a.seed, progress=not a.quiet, desc=f"train {a.arch}", augment=cfg["augment"],
-                       schedule=cfg["schedule"], label_smoothing=cfg["label_smoothing"], nesterov=cfg["nesterov"],
-                       channels_last=a.channels_last, record_time=True, head=head, warmup_epochs=a.warmup_epochs)
-    for h in hist:
+    model, meta = train_from_spec(ds, a.arch, head=head, settings=cfg, epochs=a.epochs, seed=a.seed, bias=a.bias,
+                                  split=a.split, split_seed=a.split_seed, classes=classes,
+                                  channels_last=a.channels_last, warmup_epochs=a.warmup_epochs, progress=not a.quiet)
+    for h in meta["history"]:
         print(f"epoch {h['epoch']}/{a.epochs}: loss {h['loss']:.4f}, train accuracy {h['train_acc']:.2f}%, "
               f"{h['seconds']:.2f} s")
-    if a.channels_last:
-        model = model.to(memory_format=torch.contiguous_format)
-    x_test = ds.x_test if conv or ds.x_test.ndim == 2 else ds.x_test.reshape(ds.x_test.shape[0], -1)
-    scores = head.scores(predict_logits(model, x_test))
-    metrics = task_metrics(scores, ds.y_test, [classes] if classes is not None else [list(range(ds.num_classes))])
-    acc = metrics["joint"]
-    meta = {"dataset": a.dataset, "arch_spec": a.arch, "split": a.split, "split_seed": a.split_seed,
-            "epochs": a.epochs, **cfg, "recipe": a.recipe, "channels_last": bool(a.channels_last), "seed": a.seed,
-            "train_examples": int(len(idx)), "test_accuracy": acc, "head": head.to_dict(), "classes": classes,
-            "train_seconds": float(sum(h["seconds"] for h in hist)), "history": hist}
-    if classes is not None:
-        meta["task_accuracy"] = metrics["tasks"][0]
-    if ds.note:
-        meta["data_note"] = ds.note
+    meta = dict(meta, dataset=a.dataset, recipe=a.recipe)
     save_checkpoint(model, out, metadata=meta, force=a.force)
     what = f"classes {','.join(map(str, classes))}" if classes is not None else a.split
-    extra = f" (on its own classes {metrics['tasks'][0]:.2f}%)" if classes is not None else ""
-    print(f"{out}: {a.arch} trained on {a.dataset} ({what}, {len(idx)} examples), test accuracy {acc:.2f}%{extra}")
+    extra = f" (on its own classes {meta['task_accuracy']:.2f}%)" if classes is not None else ""
+    print(f"{out}: {a.arch} trained on {a.dataset} ({what}, {meta['train_examples']} examples), test accuracy "
+          f"{meta['test_accuracy']:.2f}%{extra}")
     return 0
 
 
