@@ -336,11 +336,13 @@ def _contiguous(model: nn.Module) -> nn.Module:
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
+    """The per-epoch log; every column any epoch has (a run resumed from an older version's state adds columns its
+    earlier epochs lack: left empty there)."""
     from ..io.checkpoint import atomic_write_bytes
 
     def write(tmp):
         with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(history[0]))
+            w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for h in history for k in h)), restval="")
             w.writeheader()
             w.writerows(history)
 
