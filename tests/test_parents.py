@@ -76,3 +76,13 @@ def test_an_interrupted_parent_resumes_after_its_last_finished_epoch(tiny, monke
 def test_unknown_parents_are_named():
     with pytest.raises(HetfuseError, match="unknown parent"):
         P.run_parents(only=["no-such-parent"])
+
+
+def test_the_summary_lists_every_entry_with_its_status(tiny):
+    P.train_parent(P.PARENTS["t-full"], _data(), out_root=tiny, progress=False)
+    text = P.summarize(tiny)
+    assert (tiny / "README.md").read_text() == text
+    full = next(line for line in text.splitlines() if line.startswith("| t-full "))
+    task = next(line for line in text.splitlines() if line.startswith("| t-task "))
+    assert "waiting" not in full and "| no |" in full  # two epochs of a tiny net: far below the 90 % target
+    assert "waiting" in task
