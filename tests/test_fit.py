@@ -239,3 +239,31 @@ def test_the_log_has_every_column_of_a_history_resumed_from_an_older_state(tmp_p
     fit_module._write_log(path, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4, "batches": 7}])
     lines = path.read_text().splitlines()
     assert lines == ["epoch,loss,batches", "1,0.5,", "2,0.4,7"]
+
+
+def test_with_nothing_held_out_a_resumed_run_keeps_its_last_epoch_not_a_stale_best(tmp_path):
+    """A state written with a 'best' copy (as hetfuse 0.2's first parents run wrote it) must not replace the last
+    epoch's weights when nothing is held out."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.arange(64) % 3
+    out = tmp_path / "m.safetensors"
+    settings = FitSettings(epochs=3, lr=0.05, batch_size=16, val_fraction=0.0)
+    from hetfuse.models import MLP
+
+    model = MLP(6, [5], 3)
+    fit(model, x, y, settings, out=out, progress=False)
+    last = {k: v.clone() for k, v in model.state_dict().items()}
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    state = fit_module.state_path(out)
+    with safe_open(str(state), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(state))
+    tensors.update({f"best.{k}": torch.zeros_like(v) for k, v in last.items()})  # a stale "best" copy
+    save_file(tensors, str(state), metadata=meta)
+    again = MLP(6, [5], 3)
+    res = fit(again, x, y, settings, out=out, progress=False)  # resumes after epoch 3: nothing left to train
+    assert res.resumed_from == 3
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, last[k]), k

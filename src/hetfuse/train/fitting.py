@@ -211,6 +211,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
     if world > 1:  # every process continues from rank 0's state (the others may not see its files)
         start, best_val, best_epoch, history, best_state = _broadcast_state(
             model, opt, (start, best_val, best_epoch, history, best_state))
+    if not va.numel():
+        best_state = None  # nothing held out: the last epoch is kept (a state may hold an older "best" copy)
     channels_last = use_channels_last(settings.channels_last, model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
