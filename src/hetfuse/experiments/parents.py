@@ -278,10 +278,13 @@ def summarize(root=None) -> str:
         "of CIFAR-10 (accuracies run somewhat lower than on the original).", "",
         f"Targets: >= {TARGETS['class-split']:.0f} % on the own five classes (class-split), >= {TARGETS['full']:.0f} "
         f"% test accuracy (full data); for scale, {PAPER_NOTE}.", "",
-        "| parent | architecture | data | epochs | test accuracy (%; class-split: own five classes) | CPU hours "
-        "(one thread) | target met |", "|---|---|---|---|---|---|---|", *rows, "",
-        f"Trained so far: {cpu:.2f} CPU hours (single thread). Seconds per epoch of each candidate architecture: "
-        "`results/bench/parents_recipe/`.", ""])
+        "| parent | architecture | data | epochs | test accuracy (%; class-split: own five classes) | hours of "
+        "training (one thread, wall clock) | target met |", "|---|---|---|---|---|---|---|", *rows, "",
+        f"Trained so far: {cpu:.2f} hours of single-thread training (wall clock, beside other jobs). Seconds per "
+        "epoch of each candidate architecture: `results/bench/parents_recipe/`.", ""])
+    notes = folder / "notes.md"
+    if notes.is_file():  # hand-written measurements and decisions, kept across rewrites
+        text += "\n" + notes.read_text()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "README.md").write_text(text)
     return text
