@@ -94,26 +94,30 @@ def _check_value(v, where: str) -> None:
     raise CheckpointError(f"{where}: unsupported value {v!r}")
 
 
-def module_from_spec(spec: dict) -> nn.Module:
-    """Build a module from its SPEC (validated: known type, known arguments of plain values)."""
-    if not isinstance(spec, dict) or spec.get("type") not in MODULE_TYPES:
-        raise CheckpointError(f"edit names an unsupported module {spec!r}; supported: {', '.join(MODULE_TYPES)}")
-    cls, argnames = MODULE_TYPES[spec["type"]]
+def module_from_spec(spec: dict, *, types: dict | None = None, where: str = "edit", check=None) -> nn.Module:
+    """Build a module from its SPEC (validated: a type of ``types`` — default :data:`MODULE_TYPES` — known
+    arguments, plain values passing ``check(value, where)``, default :func:`_check_value`). ``where`` names the
+    spec in errors. Also the builder of :mod:`hetfuse.io.sequential`'s layers."""
+    types = MODULE_TYPES if types is None else types
+    check = _check_value if check is None else check
+    if not isinstance(spec, dict) or spec.get("type") not in types:
+        raise CheckpointError(f"{where} names an unsupported module {spec!r}; supported: {', '.join(types)}")
+    kind = spec["type"]
+    cls, argnames = types[kind]
     args = spec.get("args") or {}
     if not isinstance(args, dict) or set(args) - set(argnames):
-        raise CheckpointError(f"edit gives {spec['type']} unknown arguments {sorted(set(args) - set(argnames))}")
+        raise CheckpointError(f"{where} gives {kind} unknown arguments {sorted(set(args) - set(argnames))}")
     for k, v in args.items():
-        _check_value(v, f"{spec['type']}.{k}")
+        check(v, f"{where}: {kind}.{k}")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()}
     groups = kwargs.get("groups", 1)
-    if spec["type"] == "Conv2d" and groups != 1 and not (groups == kwargs.get("in_channels")
-                                                          == kwargs.get("out_channels")):
-        raise CheckpointError("edits may only build ungrouped or depthwise convolutions (groups = 1 or groups = in "
-                              "= out channels)")
+    if kind == "Conv2d" and groups != 1 and not (groups == kwargs.get("in_channels") == kwargs.get("out_channels")):
+        raise CheckpointError(f"{where}: only ungrouped or depthwise convolutions can be built (groups = 1 or groups "
+                              "= in = out channels)")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot build {spec['type']}({kwargs}): {e}") from None
+        raise CheckpointError(f"{where}: cannot build {kind}({kwargs}): {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------- model state

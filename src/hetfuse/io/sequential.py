@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..graph.ops import spec_types
+from ..graph.rewrite import module_from_spec
 
 # type name -> (class, constructor arguments recorded): the module types of the description's op table
 LAYERS: dict[str, tuple[type, tuple[str, ...]]] = spec_types()
@@ -129,17 +130,7 @@ def _build(children, depth: int, count: list[int]) -> nn.Sequential:
         if kind not in LAYERS:
             raise CheckpointError(f"layer {name!r} is a {kind!r}; a Sequential checkpoint may hold only "
                                   f"{', '.join(LAYERS)} and nested Sequentials")
-        cls, argnames = LAYERS[kind]
-        args = spec.get("args") or {}
-        if not isinstance(args, dict) or set(args) - set(argnames):
-            raise CheckpointError(f"layer {name!r} ({kind}) has unknown arguments {sorted(set(args) - set(argnames))}")
-        for k, v in args.items():
-            _check(v, f"layer {name!r} ({kind}).{k}")
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()}
-        try:
-            layers[name] = cls(**kwargs)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"cannot build layer {name!r}: {kind}({kwargs}): {e}") from None
+        layers[name] = module_from_spec(spec, types=LAYERS, where=f"layer {name!r}", check=_check)
     try:
         return nn.Sequential(layers)
     except (KeyError, TypeError, ValueError) as e:  # e.g. a layer named like an attribute of nn.Sequential

@@ -12,11 +12,10 @@ the most similar by activations wins.
 
 from __future__ import annotations
 
-import torch
-
 from ..registry import register
-from .base import Similarity, acts_of
-from .cka import linear_cka
+from .base import Similarity
+from .cka import LinearCKA
+from .neurons import Neurons
 
 
 @register
@@ -31,10 +30,6 @@ class NeuronsThenCKA(Similarity):
     bounded = False
 
     def compute(self, deep, shallow):
-        wd = torch.tensor([float(r.width) for r in deep], dtype=torch.float64)
-        ws = torch.tensor([float(r.width) for r in shallow], dtype=torch.float64)
-        counts = (wd[:, None] - ws[None, :]) ** 2
-        da = [acts_of(r, f"deep layer {i}") for i, r in enumerate(deep)]
-        sa = [acts_of(r, f"shallow layer {j}") for j, r in enumerate(shallow)]
-        cka = torch.tensor([[linear_cka(a, b) for b in sa] for a in da], dtype=torch.float64)
+        counts = Neurons().compute(deep, shallow)
+        cka = LinearCKA().compute(deep, shallow)
         return counts + (1.0 - cka) / (len(shallow) + 1)
