@@ -236,7 +236,7 @@ def test_two_process_ddp_finetune_equals_one_process_and_only_rank_0_writes(tmp_
 
 def test_the_log_has_every_column_of_a_history_resumed_from_an_older_state(tmp_path):
     path = tmp_path / "run.log.csv"
-    fit_module._write_log(path, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4, "batches": 7}])
+    fit_module.write_log(path, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4, "batches": 7}])
     lines = path.read_text().splitlines()
     assert lines == ["epoch,loss,batches", "1,0.5,", "2,0.4,7"]
 

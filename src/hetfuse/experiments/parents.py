@@ -130,6 +130,7 @@ def train_parent(p: Parent, ds, *, out_root=None, progress: bool = True, command
     from ..cache import cache_dir
     from ..io import save_model
     from ..train import FitSettings, fit
+    from ..train.fitting import write_log
     from .common import write_command
 
     folder = parents_dir(out_root) / p.name
@@ -155,7 +156,7 @@ def train_parent(p: Parent, ds, *, out_root=None, progress: bool = True, command
     meta = {"parent": asdict(p), "head": p.head, "dtype": "float32" if store is model else "float16",
             "epochs": p.epochs, "train_seconds_this_run": time.perf_counter() - t0}
     save_model(store, folder / "model.safetensors", metadata=meta, force=True)
-    _write_log(folder / "log.csv", result.history)
+    write_log(folder / "log.csv", result.history, digits=4)
     write_command(folder, command or _command(p))
     loaded, _ = load_parent(p.name, ds=ds, root=out_root, train_missing=False)
     acc = _metrics(loaded, _build(p, ds)[1], p, ds)
@@ -170,17 +171,6 @@ def _half(model):
 
     m = copy.deepcopy(model)
     return m.half()
-
-
-def _write_log(path: Path, history: list[dict]) -> None:
-    import csv
-
-    keys = list(dict.fromkeys(k for h in history for k in h))
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for h in history:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in h.items()})
 
 
 def load_parent(name: str, *, ds=None, root=None, data_root=None, train_missing: bool = True, progress: bool = False):

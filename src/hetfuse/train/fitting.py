@@ -300,7 +300,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
                             history=history)
                 if best_epoch == epoch:
                     save(_contiguous(model), out, dict(meta, best_val=best_val if va.numel() else None))
-                _write_log(log_path(out), history)
+                write_log(log_path(out), history)
                 _save_state(state_file, model, opt, epoch, best_val, best_epoch, history, best_state, asdict(settings))
     finally:
         bar.close()
@@ -337,16 +337,19 @@ def _contiguous(model: nn.Module) -> nn.Module:
     return m.to(memory_format=torch.contiguous_format)
 
 
-def _write_log(path: Path, history: list[dict]) -> None:
-    """The per-epoch log; every column any epoch has (a run resumed from an older version's state adds columns its
-    earlier epochs lack: left empty there)."""
+def write_log(path: Path, history: list[dict], digits: int | None = None) -> None:
+    """The per-epoch log (CSV, written atomically); every column any epoch has (a run resumed from an older
+    version's state adds columns its earlier epochs lack: left empty there); ``digits``: floats rounded to that
+    many decimals."""
     from ..io.checkpoint import atomic_write_bytes
 
     def write(tmp):
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for h in history for k in h)), restval="")
             w.writeheader()
-            w.writerows(history)
+            for h in history:
+                w.writerow({k: (f"{v:.{digits}f}" if digits is not None and isinstance(v, float) else v)
+                            for k, v in h.items()})
 
     atomic_write_bytes(path, write)
 
