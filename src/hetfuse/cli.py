@@ -348,9 +348,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="paper reproductions (MNIST MLPs; CIFAR-10 CNNs scaled to a CPU)")
     p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model", "cifar-resnet", "cifar-vgg",
                                     "skill-transfer-methods", "class-split-mnist", "class-split-cifar-resnet",
-                                    "class-split-cifar-vgg", "class-split-width", "clafusion-table1",
+                                    "class-split-cifar-vgg", "class-split-width", "class-split-converged-resnet",
+                                    "class-split-converged-vgg", "class-split-converged-width",
+                                    "cifar-converged-resnet", "cifar-converged-vgg", "clafusion-table1",
                                     "clafusion-table2", "clafusion-table3", "clafusion-table4", "parents"])
-    p.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,2,3")
+    p.add_argument("--seeds", default=None, help="e.g. 0-4 or 0,2,3 (default 0-4; class-split-converged-*: 0, the "
+                                                 "committed parents' seeds)")
     p.add_argument("--out", required=True, help="output folder; one that already holds results needs --force")
     p.add_argument("--force", action="store_true", help="replace results already in --out")
     p.add_argument("--epochs", type=int, default=None,
@@ -369,6 +372,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", default="0.7,0.1",
                    help="clafusion-table4: distillation weights alpha, tried in this order (default 0.7,0.1; the "
                         "paper's grid is 0.05,0.1,0.5,0.7,0.95,0.99)")
+    p.add_argument("--committed-only", action="store_true",
+                   help="class-split-converged-*: compute only the rows whose parents are committed in "
+                        "results/parents (the others are listed as waiting; --resume fills them in later) instead "
+                        "of training the missing parents first (hours)")
     p.add_argument("--only", default=None,
                    help="parents: comma-separated entries to train (default: every entry, in order)")
     p.add_argument("--data-root", default=None)
@@ -769,7 +776,10 @@ def cmd_experiment(a) -> int:
         return 0
     if a.only is not None:
         raise HetfuseError("--only belongs to the parents experiment")
-    seeds = parse_seeds(a.seeds)
+    converged = a.name.startswith("class-split-converged-")
+    if a.committed_only and not converged:
+        raise HetfuseError("--committed-only belongs to the class-split-converged-* experiments")
+    seeds = parse_seeds(a.seeds or ("0" if converged else "0-4"))
     kwargs = dict(data_root=a.data_root, seeds=seeds, out_dir=a.out, samples=a.samples, progress=not a.quiet,
                   force=a.force, command=command_line())
     table = a.name.startswith("clafusion-table")
@@ -777,7 +787,7 @@ def cmd_experiment(a) -> int:
         raise HetfuseError("--finetune-epochs, --temperatures and --alphas belong to the clafusion-table experiments")
     if a.name.startswith("class-split-"):
         run_class_split(a.name.removeprefix("class-split-"), epochs=a.epochs, width=a.width, splits=a.splits,
-                        resume=a.resume, **kwargs)
+                        resume=a.resume, committed_only=a.committed_only, **kwargs)
     elif table:
         if a.width is not None or a.splits is not None:
             raise HetfuseError("--width and --splits belong to the class-split experiments")
@@ -788,6 +798,9 @@ def cmd_experiment(a) -> int:
         if a.width is not None or a.splits is not None or a.resume:
             raise HetfuseError("--width, --splits and --resume belong to the class-split and clafusion-table "
                                "experiments")
+        if "converged" in a.name and a.epochs is not None:
+            raise HetfuseError("the converged experiments use the committed parents as they are: --epochs does not "
+                               "apply")
         kwargs["epochs"] = 10 if a.epochs is None else a.epochs
         if a.name.startswith("cifar-"):
             run_cifar_experiment(a.name.removeprefix("cifar-"), **kwargs)

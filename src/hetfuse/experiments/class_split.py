@@ -13,6 +13,11 @@ Settings (``hetfuse experiment class-split-mnist|class-split-cifar|class-split-w
 * ``cifar``: CIFAR-10 5+5 on the public code's splits; ResNet [4,4,4] vs [8,8,8] ("ResNet26"/"ResNet50") and
   VGG13 vs VGG19 in the paper's layout, at CPU scale (narrow, few epochs — stated in the summary).
 * ``width``: CIFAR-10 5+5, ResNet [4,4,4] at widths x and 2x, elastic zipping.
+* ``converged-resnet``, ``converged-vgg``, ``converged-width``: the same tables on the committed, converged task
+  models of ``results/parents`` (:mod:`hetfuse.experiments.parents`: ResNet-20 vs ResNet-32, VGG11 vs VGG16 x0.5,
+  ResNet-20 x1 vs x2; 30 epochs each) instead of models trained here for a few epochs. A parent that is not
+  committed yet is trained first (hours) unless ``committed_only``: then the rows that need it wait (listed in the
+  summary) and a later ``resume`` run fills them in.
 """
 
 from __future__ import annotations
@@ -113,6 +118,11 @@ class Setting:
     width_pair: tuple[str, str] | None = None  # (arch role on A, arch role on B) merged by elastic zipping
     note: str = ""
     embed_scale: float = EMBED_SCALE           # the embedding head's cosine scale (see CIFAR_EMBED_SCALE)
+    parents: dict[str, str] | None = None      # role -> the committed parents' architecture key (converged-*)
+
+
+class WaitingForParent(HetfuseError):
+    """A row needs a task model that is not committed in results/parents yet (``committed_only``)."""
 
 
 def random_splits(num_classes: int, n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -162,7 +172,50 @@ def settings(name: str, *, epochs: int | None = None, width: float | None = None
                        "50+50: its columns beside ours are its ResNet26 x4 (beside Task A), x8 (beside Task B) and "
                        "their elastic zip, and our rows average both directions (narrow model on task A, then wide "
                        "model on task A)", embed_scale=CIFAR_EMBED_SCALE)
-    raise HetfuseError(f"unknown class-split setting {name!r}; known: mnist, cifar-resnet, cifar-vgg, width")
+    if name.startswith("converged-"):
+        return _converged(name, splits)
+    raise HetfuseError(f"unknown class-split setting {name!r}; known: mnist, cifar-resnet, cifar-vgg, width, "
+                       "converged-resnet, converged-vgg, converged-width")
+
+
+def _converged(name: str, splits: int | None) -> Setting:
+    from .parents import PARENTS, RECIPE
+
+    keys = {"converged-resnet": ("resnet20", "resnet32"), "converged-vgg": ("vgg11", "vgg16"),
+            "converged-width": ("resnet20", "resnet20x2")}
+    if name not in keys:
+        raise HetfuseError(f"unknown class-split setting {name!r}; known: {', '.join(keys)}")
+    ka, kb = keys[name]
+    pa, pb = PARENTS[f"cs0A-{ka}"], PARENTS[f"cs0A-{kb}"]
+    n = splits or 2
+    if n > 2:
+        raise HetfuseError("the committed parents cover the first 2 class splits (--splits 1 or 2)")
+    note = (f"converged task models committed in results/parents ({pa.epochs} epochs each: SGD + Nesterov, one-cycle "
+            f"lr {RECIPE['lr']}, batch {RECIPE['batch_size']}, weight decay {RECIPE['weight_decay']}, label smoothing "
+            f"{RECIPE['label_smoothing']}, crop + flip; one torch thread on a CPU; the paper: 200 epochs)")
+    if name == "converged-width":
+        methods = [Method("Elastic zip", "hetero", "cla", "elastic-zip", {"width": "max"}),
+                   Method("Elastic zip (min width)", "hetero", "cla", "elastic-zip", {"width": "min"}),
+                   Method("OT to the wider", "hetero", "cla", "ot-acts", {"target": 1})]
+        family, note = "width", note + "; the paper's Table III is on CIFAR-100 50+50 with ResNet26 x4 and x8"
+    else:
+        methods, family = paper_grid(), name.removeprefix("converged-")
+        note += ("; the paper: ResNet26/ResNet50 x8 ([4,4,4] vs [8,8,8] blocks), ours: ResNet-20/ResNet-32 x1 ([3,3,3] "
+                 "vs [5,5,5])" if family == "resnet" else "; the paper: VGG13/VGG19 x1 without BatchNorm, ours: "
+                 "VGG11/VGG16 x0.5 with BatchNorm")
+    return Setting(name, "cifar10", {"a": pa.arch, "b": pb.arch}, CIFAR10_SPLITS[:n], pa.epochs, dict(RECIPE),
+                   methods, family=family, note=note, embed_scale=CIFAR_EMBED_SCALE, parents={"a": ka, "b": kb})
+
+
+def load_task_model(setting: Setting, k: int, task: str, role: str, *, data_root=None, ds=None,
+                    committed_only: bool = False, progress: bool = False):
+    """``(model, head)``: the committed parent of split ``k``, task ``task`` ('A'/'B'), for ``role``."""
+    from .parents import load_parent, parents_dir
+
+    name = f"cs{k}{task}-{setting.parents[role]}"
+    if committed_only and not (parents_dir() / name / "model.safetensors").is_file():
+        raise WaitingForParent(f"parent {name} is not committed yet")
+    return load_parent(name, ds=ds, data_root=data_root, progress=progress)
 
 
 def train_task_model(setting: Setting, ds: Dataset, arch: str, classes: list[int], seed: int, *, cache=True,
@@ -194,12 +247,17 @@ def train_task_model(setting: Setting, ds: Dataset, arch: str, classes: list[int
 def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] = (0,), epochs: int | None = None,
                     samples: int = 400, width: float | None = None, splits: int | None = None, progress: bool = True,
                     cache=True, dataset: Dataset | None = None, force: bool = False, resume: bool = False,
-                    command: str | None = None, setting: Setting | None = None) -> list[dict]:
+                    command: str | None = None, setting: Setting | None = None,
+                    committed_only: bool = False) -> list[dict]:
     """Run one setting (see the module docstring); returns the CSV rows. ``resume`` keeps the rows of an earlier,
-    interrupted run in ``out_dir`` and computes only the missing ones."""
+    interrupted run in ``out_dir`` and computes only the missing ones. ``committed_only`` (converged settings):
+    skip the rows whose parents are not committed yet instead of training them."""
     from tqdm.auto import tqdm
 
     setting = setting or settings(name, epochs=epochs, width=width, splits=splits)
+    if setting.parents is not None and (epochs is not None or width is not None or list(seeds) != [0]):
+        raise HetfuseError("the converged settings use the committed parents as they are: --epochs, --width and "
+                           "--seeds do not apply")
     out = Path(out_dir)
     done: list[dict] = []
     if resume and (out / "results.csv").is_file():
@@ -214,14 +272,18 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
     x_train = ds.x_train.flatten(1) if flat else ds.x_train
     keys = {(r["pair"], r["direction"], r["method"]) for r in done}
     rows = list(done)
+    waiting: list[str] = []
     jobs = [(s, k, (A, B)) for s in seeds for k, (A, B) in enumerate(setting.splits)]
     bar = tqdm(jobs, desc=f"class split {setting.name}", disable=not progress)
     for seed, k, (A, B) in bar:
         models = {}
 
-        def get(role: str, task: str, *, models=models, A=A, B=B, seed=seed):
+        def get(role: str, task: str, *, models=models, A=A, B=B, seed=seed, k=k):
             key = (role, task)
-            if key not in models:
+            if key not in models and setting.parents is not None:
+                models[key] = load_task_model(setting, k, task, role, ds=ds, committed_only=committed_only,
+                                              progress=progress)
+            elif key not in models:
                 classes = A if task == "A" else B
                 models[key] = train_task_model(setting, ds, setting.archs[role], classes, seed + 100 * (task == "B"),
                                                cache=cache, progress=progress)
@@ -242,18 +304,29 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
             def todo(label, *, pair=pair, d_idx=d_idx):
                 return (str(pair), str(d_idx), label) not in keys
 
-            (ma, ha), (mb, hb) = get(ra, "A"), get(rb, "B")
+            def fetch(label, *which, k=k, d_idx=d_idx):
+                """The task models of one row, or None (and the row waits) where a parent is not committed."""
+                try:
+                    return [get(role, task) for role, task in which]
+                except WaitingForParent as e:
+                    waiting.append(f"split {k}, direction {d_idx}: {label} ({e})")
+                    return None
+
             tasks = [A, B]
-            if todo("Task A"):
-                add("Task A", model_task_metrics(ma, ha, x_test, ds.y_test, tasks), 0.0)
-            if todo("Task B"):
-                add("Task B", model_task_metrics(mb, hb, x_test, ds.y_test, tasks), 0.0)
-            if todo("Ensemble"):
-                add("Ensemble", ensemble_task_metrics([ma, mb], [ha, hb], x_test, ds.y_test, tasks), 0.0)
+            if todo("Task A") and (got := fetch("Task A", (ra, "A"))):
+                add("Task A", model_task_metrics(*got[0], x_test, ds.y_test, tasks), 0.0)
+            if todo("Task B") and (got := fetch("Task B", (rb, "B"))):
+                add("Task B", model_task_metrics(*got[0], x_test, ds.y_test, tasks), 0.0)
+            if todo("Ensemble") and (got := fetch("Ensemble", (ra, "A"), (rb, "B"))):
+                add("Ensemble", ensemble_task_metrics([m for m, _ in got], [h for _, h in got], x_test, ds.y_test,
+                                                      tasks), 0.0)
             for m in setting.methods:
                 if not todo(m.label):
                     continue
-                pair_models = [ma, get(ra, "B")[0]] if m.pair == "homo" else [ma, mb]
+                got = fetch(m.label, (ra, "A"), (ra, "B") if m.pair == "homo" else (rb, "B"))
+                if got is None:
+                    continue
+                pair_models, ha = [got[0][0], got[1][0]], got[0][1]
                 params = dict(m.params)
                 target = params.pop("target", None)
                 t0 = time.perf_counter()
@@ -269,6 +342,7 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
             if setting.width_pair is not None and todo("Elastic zip (width)"):
                 wa, wb = setting.width_pair
                 pm = [get(wa, "A")[0], get(wb, "B")[0]] if d_idx == 0 else [get(wb, "A")[0], get(wa, "B")[0]]
+                ha = get(ra, "A")[1]
                 t0 = time.perf_counter()
                 fused = prepare_fusion(pm, x_train, FusionConfig(depth_align="lma", match="elastic-zip",
                                                                  samples=samples, seed=seed)).combine()
@@ -276,7 +350,7 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
                     time.perf_counter() - t0, "lma", "elastic-zip")
             _write(out / "results.csv", rows)
     cmd = write_command(out, command)
-    (out / "summary.md").write_text(_summary(setting, rows, seeds, samples, cmd, ds))
+    (out / "summary.md").write_text(_summary(setting, rows, seeds, samples, cmd, ds, waiting))
     return rows
 
 
@@ -290,7 +364,7 @@ def _write(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds) -> str:
+def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds, waiting=()) -> str:
     labels = list(dict.fromkeys(r["method"] for r in rows))
     paper = PAPER.get(setting.family, {})
     lines = [f"# Class-split merging: {setting.name}", "",
@@ -325,12 +399,51 @@ def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds) -> str
         p = paper.get(label)
         lines.append(f"| {label} | {fmt_ms(vals['joint'])} | {fmt_ms(vals['task_a'])} | {fmt_ms(vals['task_b'])} | "
                      f"{fmt_ms(vals['per_task_avg'])} | {p[0] if p else ''} | {p[1] if p else ''} |")
-    ens = mean_std([float(r["joint"]) for r in rows if r["method"] == "Ensemble"])[0]
-    best = max((lb for lb in labels if lb not in ("Task A", "Task B", "Ensemble")),
-               key=lambda lb: mean_std([float(r["joint"]) for r in rows if r["method"] == lb
-                                        and str(r["joint"]) != "nan"])[0], default=None)
-    if best:
-        b = mean_std([float(r["joint"]) for r in rows if r["method"] == best])[0]
-        lines += ["", f"Best one-shot merge by joint accuracy: **{best}** ({b:.2f}); the ensemble of the task models: "
-                  f"{ens:.2f} (gap {ens - b:.2f} points)."]
+    if waiting:
+        lines += ["", "Not computed yet (their parents are still training; `--resume` fills them in):", "",
+                  *[f"- {w}" for w in waiting]]
+    lines += _verdict(rows, labels)
     return "\n".join(lines) + "\n"
+
+
+def _joint(rows: list[dict], label: str) -> list[float]:
+    return [float(r["joint"]) for r in rows if r["method"] == label and str(r["joint"]) not in ("nan", "")]
+
+
+def _verdict(rows: list[dict], labels: list[str]) -> list[str]:
+    """The summary's closing sentences: the best merge and its spread, the runner-up, whether the best merge beats
+    each single-task model on joint accuracy (on average and per split and direction), the gap to the ensemble."""
+    merges = [lb for lb in labels if lb not in ("Task A", "Task B", "Ensemble") and _joint(rows, lb)]
+    if not merges:
+        return []
+    ranked = sorted(merges, key=lambda lb: -mean_std(_joint(rows, lb))[0])
+    best = ranked[0]
+    b, b_sd = mean_std(_joint(rows, best))
+    out = ["", f"Best one-shot merge by joint accuracy: **{best}** ({fmt_ms(_joint(rows, best))}, "
+               f"{len(_joint(rows, best))} runs)."]
+    if len(ranked) > 1:
+        r2, r2_sd = mean_std(_joint(rows, ranked[1]))
+        within = "within" if b - r2 <= max(b_sd, r2_sd) else "outside"
+        out[-1] += f" Runner-up: {ranked[1]} ({r2:.2f} ± {r2_sd:.2f}); the difference is {within} one standard " \
+                   "deviation."
+    for task in ("Task A", "Task B"):
+        if not _joint(rows, task):
+            continue
+        t = mean_std(_joint(rows, task))[0]
+        wins = total = 0
+        for r in rows:
+            if r["method"] != best or str(r["joint"]) in ("nan", ""):
+                continue
+            same = [x for x in rows if x["method"] == task and x.get("pair") == r.get("pair")
+                    and str(x.get("direction")) == str(r.get("direction"))]
+            if same:
+                total += 1
+                wins += float(r["joint"]) > float(same[0]["joint"])
+        out.append(f"- Against the single-task model of {task.lower()} (joint {t:.2f}): the best merge is "
+                   f"{'above' if b > t else 'below'} it by {abs(b - t):.2f} points on average, above it in "
+                   f"{wins} of {total} split/direction runs.")
+    ens = _joint(rows, "Ensemble")
+    if ens:
+        e = mean_std(ens)[0]
+        out.append(f"- Gap from the best merge to the ensemble of the task models ({e:.2f}): {e - b:.2f} points.")
+    return out

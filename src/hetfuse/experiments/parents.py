@@ -12,8 +12,11 @@ order, one after the other, and for each finished one writes ``results/parents/N
 * ``accuracy.json`` — the test accuracy of the stored weights as loaded (all classes, and for a class-split task
   model its own classes and the joint accuracy).
 
-Training is resumable: the state after every finished epoch (weights, momentum, log) is kept under the cache root
-(``$HETFUSE_CACHE/parents/NAME.state.safetensors``) and the same command continues after the last finished epoch.
+Training is resumable: the state after every finished epoch (weights, momentum, log) is kept beside the committed
+parents, in ``results/parents/_resume/NAME.state.safetensors`` (not in the cache, which may not survive to the next
+session: a session that stops in the middle of a parent commits its state there), and the same command continues
+after the last finished epoch. A finished parent's state is deleted. A state left in the cache by an older version
+(``$HETFUSE_CACHE/parents``) is moved there.
 :func:`load_parent` reads ``results/parents/NAME``; where that folder is missing it trains the entry with the same
 command (a cache miss).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,9 +137,16 @@ def train_parent(p: Parent, ds, *, out_root=None, progress: bool = True, command
     from ..train.fitting import write_log
     from .common import write_command
 
+    from ..train.fitting import state_path
+
     folder = parents_dir(out_root) / p.name
-    state_dir = cache_dir() / "parents"
+    state_dir = resume_dir(out_root)
     state_dir.mkdir(parents=True, exist_ok=True)
+    state = state_path(state_dir / f"{p.name}.safetensors")
+    legacy = cache_dir() / "parents"
+    if not state.is_file() and state_path(legacy / f"{p.name}.safetensors").is_file():
+        for f in legacy.glob(f"{p.name}.*"):  # the state, and the last epoch's weights and log beside it
+            shutil.move(f, state_dir / f.name)
     model, head = _build(p, ds)
     x, y = ds.x_train, ds.y_train
     if p.classes is not None:
@@ -163,7 +174,16 @@ def train_parent(p: Parent, ds, *, out_root=None, progress: bool = True, command
     acc.update(epochs=p.epochs, arch=p.arch, classes=list(p.classes) if p.classes else None, dtype=meta["dtype"],
                train_seconds=sum(h["seconds"] for h in result.history))
     (folder / "accuracy.json").write_text(json.dumps(acc, indent=2) + "\n")
+    for f in state_dir.glob(f"{p.name}.*"):
+        f.unlink()  # finished: the weights and the log are in the parent's folder now
+    if state_dir.is_dir() and not any(state_dir.iterdir()):
+        state_dir.rmdir()
     return folder
+
+
+def resume_dir(root=None) -> Path:
+    """Where unfinished parents keep their state (committed when a session stops in the middle of one)."""
+    return parents_dir(root) / "_resume"
 
 
 def _half(model):
