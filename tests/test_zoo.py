@@ -117,7 +117,7 @@ def test_other_errors():
 
 def test_zoo_listing():
     assert set(ZOO) == {"mlp", *(f"vgg{d}" for d in VGG_CONFIGS), *(f"mvgg{d}" for d in MERGING_VGG_CONFIGS),
-                        *RESNET_FAMILIES}
+                        *RESNET_FAMILIES, "vit", "bert"}
     for spec in list_archs():
         assert spec.partition(":")[0] in ZOO
         parse_arch(spec, input_dim=3072, output_dim=10)
