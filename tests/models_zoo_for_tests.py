@@ -230,6 +230,55 @@ class ConvNeXtLike(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class HandAttention(nn.Module):
+    """Hugging Face-style attention written by hand: three Linears, heads split with view/transpose,
+    ``F.scaled_dot_product_attention``, an output projection."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q = self.q(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+
+
+class HandEncoderLayer(nn.Module):
+    def __init__(self, dim, heads, hidden):
+        super().__init__()
+        self.ln_a, self.attn, self.ln_f = nn.LayerNorm(dim), HandAttention(dim, heads), nn.LayerNorm(dim)
+        self.up, self.act, self.down = nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_a(x))
+        return x + self.down(self.act(self.up(self.ln_f(x))))
+
+
+class HandViT(nn.Module):
+    """A pre-LN ViT written by hand (not the zoo's): patch embedding, class token, learned positions, three-Linear
+    attention, SiLU feed-forward, class-token pooling."""
+
+    def __init__(self, depth=2, dim=16, heads=4, hidden=24, patch=8, num_classes=10):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        tokens = (32 // patch) ** 2 + 1
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.1)
+        self.layers = nn.ModuleList(HandEncoderLayer(dim, heads, hidden) for _ in range(depth))
+        self.ln, self.fc = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for layer in self.layers:
+            x = layer(x)
+        return self.fc(self.ln(x)[:, 0])
+
+
 def bn1d_mlp(widths=(10, 8), d_in=12, d_out=4):
     layers, c = [], d_in
     for w in widths:
@@ -245,11 +294,18 @@ def randomize_norms(model, seed=0):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            elif isinstance(m, nn.LayerNorm):  # a feature's LayerNorm entries must move with it
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model
 
 
 def _flat_inputs(n, seed, d=12):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _tokens(n, seed):
+    return torch.randint(0, 40, (n, 6), generator=torch.Generator().manual_seed(seed))
 
 
 def _images(n, seed):
@@ -269,6 +325,11 @@ KINDS = {
     "resnet-preact": (lambda s: PreActResNet(), _images),
     "mobilenet-depthwise": (lambda s: MobileNetV2Like(), _images),
     "convnext-depthwise": (lambda s: ConvNeXtLike(), _images),
+    "vit-hand": (lambda s: HandViT(), _images),
+    "vit-zoo": (lambda s: build_model("vit:depth=2,dim=16,heads=2,patch=8,mlp=24,pool=mean", input_dim=3,
+                                      output_dim=10, input_shape=(3, 32, 32)), _images),
+    "bert-zoo": (lambda s: build_model("bert:depth=2,dim=16,heads=4,vocab=40,seq=6,mlp=24", input_dim=6,
+                                       output_dim=5, input_shape=(6,)), _tokens),
 }
 
 

@@ -130,7 +130,7 @@ def test_balancer_merge_is_exact_where_the_sign_estimate_is(kind):
 
 
 @pytest.mark.parametrize("similarity", list(methods("similarity")))
-@pytest.mark.parametrize("kind", ["mlp", "vgg-bn", "resnet-projection"])
+@pytest.mark.parametrize("kind", ["mlp", "vgg-bn", "resnet-projection", "vit-hand"])
 def test_every_similarity_ranks_a_unit_first_against_itself(similarity, kind):
     data = _data(kind)
     model = make(kind, 0, data)
@@ -170,24 +170,35 @@ def test_the_fixed_aligner_places_units_where_it_is_told():
     assert res.report["mappings"][0]["alignment"] == [0, 2]
 
 
-@pytest.mark.parametrize("pair", ["preact", "mobilenet", "convnext"])
+@pytest.mark.parametrize("pair", ["preact", "mobilenet", "convnext", "vit-hand", "vit-zoo", "bert-zoo"])
 def test_depth_different_peer_kinds_fused_with_weights_one_zero_give_back_the_shallower(pair):
-    """Pre-activation ResNets (stream read at the additions, not at the next block's BatchNorm) and depthwise
-    networks (MobileNetV2 inverted residuals, ConvNeXt-style blocks) of different depths: with weights (1, 0) the
-    fused model is the shallower one."""
-    from models_zoo_for_tests import ConvNeXtLike, MobileNetV2Like, PreActResNet
+    """Pre-activation ResNets (stream read at the additions, not at the next block's BatchNorm), depthwise
+    networks (MobileNetV2 inverted residuals, ConvNeXt-style blocks) and pre-LN transformers (a zero layer is an
+    exact identity) of different depths: with weights (1, 0) the fused model is the shallower one."""
+    from models_zoo_for_tests import ConvNeXtLike, HandViT, MobileNetV2Like, PreActResNet
+
+    from hetfuse.models import build_model
+
+    def zoo(spec, shape):
+        return lambda: build_model(spec, input_dim=shape[0], output_dim=5, input_shape=shape)
 
     shallow, deep = {"preact": (lambda: PreActResNet((1, 2)), lambda: PreActResNet((2, 3))),
                      "mobilenet": (lambda: MobileNetV2Like((1, 2)), lambda: MobileNetV2Like((2, 3))),
-                     "convnext": (lambda: ConvNeXtLike(2), lambda: ConvNeXtLike(3))}[pair]
-    data = inputs("resnet-preact", 48, 1)
+                     "convnext": (lambda: ConvNeXtLike(2), lambda: ConvNeXtLike(3)),
+                     "vit-hand": (lambda: HandViT(2), lambda: HandViT(4)),
+                     "vit-zoo": (zoo("vit:depth=1,dim=16,heads=2,patch=8", (3, 32, 32)),
+                                 zoo("vit:depth=3,dim=16,heads=2,patch=8", (3, 32, 32))),
+                     "bert-zoo": (zoo("bert:depth=2,dim=16,heads=4,vocab=40,seq=6", (6,)),
+                                  zoo("bert:depth=3,dim=16,heads=4,vocab=40,seq=6", (6,)))}[pair]
+    kind = "bert-zoo" if pair == "bert-zoo" else "resnet-preact"
+    data = inputs(kind, 48, 1)
     torch.manual_seed(0)
     a, b = shallow().eval(), deep().eval()
     ga, gb = (depth_groups(describe(m, example=data[:2])) for m in (a, b))
     assert [g.kind for g in ga] == [g.kind for g in gb]
     assert sum(len(g.units) for g in gb) > sum(len(g.units) for g in ga)
     res = fuse([a, b], data, weights=[1.0, 0.0], samples=32, repair="none")
-    x = inputs("resnet-preact", 8, 2)
+    x = inputs(kind, 8, 2)
     with torch.no_grad():
         _close(res.model(x), a(x), 1e-5)
 

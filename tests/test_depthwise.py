@@ -38,8 +38,10 @@ def test_every_recordable_module_of_the_op_table_round_trips_through_a_spec():
                 mod = cls(4, 4, 3, groups=4)
             elif name in ("Linear",):
                 mod = cls(3, 2)
-            elif name.startswith("BatchNorm"):
+            elif name.startswith(("BatchNorm", "LayerNorm", "RMSNorm")):
                 mod = cls(5)
+            elif name == "Embedding":
+                mod = cls(7, 5)
             elif name.startswith(("MaxPool", "AvgPool")):
                 mod = cls(2)
             elif name.startswith("Adaptive"):

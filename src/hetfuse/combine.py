@@ -85,7 +85,7 @@ def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph]
 def _missing_tensor(graph: NetworkGraph, slot: ParamSlot, state: dict) -> torch.Tensor:
     """A parameter this network's layer lacks (a bias): zeros of the layer's output size."""
     info = graph.modules[slot.module]
-    weight = state.get(f"{info.name}.weight")
+    weight = state.get(info.key("weight"))
     if weight is None or slot.param != "bias":
         raise HetfuseError(f"layer '{info.name}' lacks '{slot.param}', which another network has")
     return torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
@@ -145,6 +145,13 @@ def fused_skeleton(model: nn.Module, graph: NetworkGraph, slots: list[ParamSlot]
     modules = dict(out.named_modules())
     bias_needed = {graph.modules[slot.module].name for slot in slots if slot.keys[target] is None}
     for info in graph.modules:
+        if info.kind == "param":
+            size = graph.spaces[info.out_space].size
+            if widths[info.out_space] != size:
+                raise HetfuseError(f"the tensor attribute '{info.key(info.params[0])}' is tied to a space of {size} "
+                                   f"neurons fused to {widths[info.out_space]}: changing the width of a space with "
+                                   "position embeddings or class tokens is not supported yet")
+            continue
         mod = modules[info.name]
         spec = module_spec(mod)
         args = spec["args"]
@@ -173,7 +180,7 @@ def load_fused(skeleton: nn.Module, slots: list[ParamSlot], target: int, tensors
     ref = model.state_dict()
     state = {}
     for slot, t in zip(slots, tensors, strict=False):
-        key = f"{graph.modules[slot.module].name}.{slot.param}"
+        key = graph.modules[slot.module].key(slot.param)
         if key not in ref:
             raise HetfuseError(f"the fused network has no tensor {key}")
         state[key] = t.to(dtype=ref[key].dtype, device=ref[key].device)

@@ -29,6 +29,7 @@ from .graph.groups import check_group_pairing, depth_groups
 from .graph.spec import NetworkGraph
 from .graph.trace import describe
 from .match.base import MatchContext, MatchResult
+from .match.heads import attention_notes
 from .repair.base import RepairContext
 
 
@@ -173,8 +174,14 @@ def _check_finite(i: int, model: nn.Module) -> None:
 
 
 def _fit_inputs(x: torch.Tensor, graph: NetworkGraph) -> torch.Tensor:
-    """The samples in the layout the networks read: images for a network that starts with a convolution,
-    flat feature vectors (flattened if need be) for one that starts with a Linear layer."""
+    """The samples in the layout the networks read: images for a network that starts with a convolution, token ids
+    for one that starts with an embedding, flat feature vectors (flattened if need be) for one that starts with a
+    Linear layer."""
+    if graph.token_input:
+        if x.dim() != 2 or x.is_floating_point():
+            raise DataError(f"data samples have shape {tuple(x.shape[1:])} ({x.dtype}); the models expect token ids "
+                            "(N x tokens, integers)")
+        return x
     if graph.image_input:
         if x.dim() != 4 or x.shape[1] != graph.input_dim:
             raise DataError(f"data samples have shape {tuple(x.shape[1:])}; the models expect images with "
@@ -212,16 +219,16 @@ def prepare_inputs(models: Sequence[nn.Module], data, config: FusionConfig
         raise HetfuseError(f"models take different input sizes: {[g.input_dim for g in graphs]}")
     if len({g.output_dim for g in graphs}) > 1:
         raise HetfuseError(f"models give different output sizes: {[g.output_dim for g in graphs]}")
-    kinds = {g.image_input for g in graphs}
+    kinds = {(g.image_input, g.token_input) for g in graphs}
     if len(kinds) > 1:
-        raise HetfuseError("cannot fuse networks that start with a convolution with networks that start with a "
-                           "Linear layer")
+        raise HetfuseError("cannot fuse networks that read different inputs (images, token ids, feature vectors: "
+                           "their first layers are a convolution, an embedding or a Linear layer)")
     n_repair = max(config.samples, config.repair_samples)
     pool = gather_samples(data, n_repair, seed=config.seed, at_least=config.samples)
     pool = _fit_inputs(pool, graphs[0])
     first = next(iter(models[0].parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    pool = pool.to(device=device, dtype=torch.float32)
+    pool = pool.to(device=device, dtype=torch.long if graphs[0].token_input else torch.float32)
     x, x_repair = pool[:config.samples], pool[:config.repair_samples]
     from .io.sequential import remember_sequential_base
 
@@ -305,7 +312,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
         "samples": int(x.shape[0]),
         "repair_samples": int(x_repair.shape[0]),
         "timings": timings,
-        "notes": list(depth.notes),
+        "notes": list(depth.notes) + attention_notes(graphs, result, target),
         "config": config.to_dict(),
     }
     return PreparedFusion(config=config, target_index=target, skeleton=skeleton, graph=skeleton_graph,

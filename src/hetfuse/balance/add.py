@@ -192,7 +192,7 @@ def _identity_block(graph, groups, u: Unit, blocks):
     """A block to copy as a zero block for unit ``u``'s stage: one with an identity shortcut (its addition reads
     its block input directly), from the same stage if it has one, else from another stage (resized)."""
     def identity_shortcut(b) -> bool:
-        return any(a is b.block_in for a in b.add.args[:2])
+        return b.identity_shortcut
 
     stage = next(g for g in groups if u in g.units)
     for unit in stage.units:

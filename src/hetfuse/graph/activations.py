@@ -27,13 +27,26 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _feature_last(model: nn.Module) -> frozenset[str]:
+    """The nodes of ``model`` whose neurons are on the last axis (transformer tokens), from its description."""
+    from .trace import describe
+
+    try:
+        return describe(model).feature_last
+    except Exception:  # a model the description refuses has no such nodes for the recorder to know of
+        return frozenset()
+
+
 class Recorder:
     """Runs a traced model and returns copies of the values of chosen nodes (and nothing else). Node names are
     those of :func:`~hetfuse.graph.trace.trace` (deterministic, so a description of a copy of the model names
-    the same nodes)."""
+    the same nodes). Values whose neurons are on the last axis (N x tokens x features; ``feature_last``, by default
+    read off the model's description) come back as N x features x tokens, like a conv map's N x C x H x W."""
 
-    def __init__(self, model: nn.Module, node_names: Sequence[str]):
+    def __init__(self, model: nn.Module, node_names: Sequence[str], feature_last: Sequence[str] | None = None):
         gm = trace(model)
+        if feature_last is None:
+            feature_last = _feature_last(model)
         graph = copy.deepcopy(gm.graph)
         by_name = {n.name: n for n in graph.nodes}
         missing = [n for n in node_names if n not in by_name]
@@ -43,7 +56,11 @@ class Recorder:
         for name in node_names:
             node = by_name[name]
             with graph.inserting_after(node):
-                clones.append(graph.call_method("clone", (node,)))
+                clone = graph.call_method("clone", (node,))
+            if name in feature_last:  # N x tokens x features -> N x features x tokens, the layout rows() reads
+                with graph.inserting_after(clone):
+                    clone = graph.call_method("transpose", (clone, 1, 2))
+            clones.append(clone)
         out = next(n for n in graph.nodes if n.op == "output")
         out.args = (tuple(clones),)
         # the rest of the network after the last value read is not run (values were cloned as produced, so

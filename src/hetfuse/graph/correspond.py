@@ -35,17 +35,19 @@ def check_correspondence(graphs: list[NetworkGraph], names: list[str] | None = N
     names = names or [f"model {i}" for i in range(len(graphs))]
     ref = graphs[0]
     for i, g in enumerate(graphs[1:], start=1):
-        norms_ref = sum(m.kind == "norm" for m in ref.modules)
-        norms_g = sum(m.kind == "norm" for m in g.modules)
-        if norms_ref != norms_g:
-            plain_ref = [(m.kind) for m in ref.modules if m.kind != "norm"]
-            plain_g = [(m.kind) for m in g.modules if m.kind != "norm"]
+        for kind, label in (("norm", "BatchNorm"), ("layernorm", "LayerNorm")):
+            norms_ref = sum(m.kind == kind for m in ref.modules)
+            norms_g = sum(m.kind == kind for m in g.modules)
+            if norms_ref == norms_g:
+                continue
+            plain_ref = [m.kind for m in ref.modules if m.kind != kind]
+            plain_g = [m.kind for m in g.modules if m.kind != kind]
             if plain_ref == plain_g:
                 which = names[0] if norms_ref > norms_g else names[i]
                 if min(norms_ref, norms_g) == 0:
-                    raise HetfuseError(f"BatchNorm is present in {which} only ({max(norms_ref, norms_g)} BatchNorm "
-                                       "layers): fuse networks that either both have BatchNorm or both do not")
-                raise HetfuseError(f"{names[0]} has {norms_ref} BatchNorm layers and {names[i]} {norms_g}: the "
+                    raise HetfuseError(f"{label} is present in {which} only ({max(norms_ref, norms_g)} {label} "
+                                       f"layers): fuse networks that either both have {label} or both do not")
+                raise HetfuseError(f"{names[0]} has {norms_ref} {label} layers and {names[i]} {norms_g}: the "
                                    "networks normalise different layers")
         if len(g.spaces) != len(ref.spaces):
             raise HetfuseError(f"{names[0]} has {len(ref.spaces)} hidden neuron spaces and {names[i]} "
@@ -80,7 +82,7 @@ def param_slots(graphs: list[NetworkGraph]) -> list[ParamSlot]:
                 if p not in local:
                     local.append(p)
         for p in local:
-            keys = [f"{g.modules[k].name}.{p}" if p in g.modules[k].params else None for g in graphs]
+            keys = [g.modules[k].key(p) if p in g.modules[k].params else None for g in graphs]
             slots.append(ParamSlot(k, p, keys))
     return slots
 
@@ -93,7 +95,7 @@ def slot_axes(graph: NetworkGraph, slot: ParamSlot, model_index: int) -> list[tu
     if key is None:
         if info.out_space < 0:
             return []
-        return [(info.out_space, ParamAxis(f"{info.name}.{slot.param}", 0, "out"))]
+        return [(info.out_space, ParamAxis(info.key(slot.param), 0, "out"))]
     out = []
     for s, space in enumerate(graph.spaces):
         for m in space.members:

@@ -4,7 +4,9 @@ Read off the traced graph, for any architecture the description accepts:
 
 * a **residual block** is the part of the graph between a residual addition's *block input* (the node
   that dominates both operands of the addition: every path from the model's input to the addition
-  passes through it) and its *block output* (the addition followed by any elementwise activation);
+  passes through it) and its *block output* (the addition followed by any elementwise activation); a block
+  whose branch holds an op that opens a layer (attention, per the op table) and the blocks after it up to the
+  next such block form one block (a transformer layer: attention and feed-forward sub-blocks);
 * a **layer unit** is a hidden layer (its own neuron space, one Linear or Conv2d producer, maybe a
   BatchNorm) outside every residual block; its output node is its activation (the ReLU after it);
 * **groups**: consecutive layer units that feed each other directly (only activations between them;
@@ -23,7 +25,7 @@ from typing import Literal
 import torch.fx as fx
 
 from ..errors import HetfuseError
-from .ops import channelwise, is_add, is_elementwise, is_nonnegative
+from .ops import channelwise, is_add, is_elementwise, is_nonnegative, starts_layer
 from .spec import INPUT, NetworkGraph
 
 
@@ -112,6 +114,14 @@ class Block:
     block_out: fx.Node
     region: list[fx.Node]  # nodes of the block in graph order (block input excluded, block output included)
     relu: bool
+    parts: list[Block] = field(default_factory=list)  # a transformer layer: its residual sub-blocks
+
+    @property
+    def identity_shortcut(self) -> bool:
+        """Whether every addition of the block reads its own block input directly (no projection shortcut)."""
+        if self.parts:
+            return all(p.identity_shortcut for p in self.parts)
+        return any(a is self.block_in for a in self.add.args[:2])
 
 
 def residual_blocks(graph: NetworkGraph) -> list[Block]:
@@ -133,7 +143,34 @@ def residual_blocks(graph: NetworkGraph) -> list[Block]:
         block_out, relu = activation_chain(n, modules)
         region = sorted((_ancestors(block_out) | {block_out}) & _descendants(block_in), key=lambda m: pos[m])
         blocks.append(Block(n, block_in, block_out, region, relu))
-    return blocks
+    return _layers(blocks, modules)
+
+
+def _layers(blocks: list[Block], modules: dict) -> list[Block]:
+    """Residual sub-blocks joined into layers where the op table says an op opens one (attention): each block
+    whose branch holds such an op, with the blocks after it up to the next one on the same stream (a
+    transformer layer's attention and feed-forward sub-blocks), is one block; other blocks stay as they are."""
+    opens = [any(starts_layer(n, modules) for n in b.region) for b in blocks]
+    if not any(opens):
+        return blocks
+    out: list[Block] = []
+    run: list[Block] = []
+
+    def flush():
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            first, last = run[0], run[-1]
+            out.append(Block(last.add, first.block_in, last.block_out, [n for b in run for n in b.region], last.relu,
+                             list(run)))
+        run.clear()
+
+    for b, o in zip(blocks, opens, strict=True):
+        if o or not run or run[-1].block_out is not b.block_in:
+            flush()
+        run.append(b)
+    flush()
+    return out
 
 
 def depth_groups(graph: NetworkGraph) -> list[Group]:

@@ -32,6 +32,7 @@ __all__ = ["OPS", "LayerOp", "OpHandler", "channelwise", "handler_for", "is_add"
 
 _INPUT = -1
 _META = -2
+_PARAM = -3
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -66,9 +67,12 @@ def op_name(node: fx.Node, modules: dict) -> str:
 
 
 class OpHandler:
-    """One kind of operation. ``name`` labels it in messages and docs."""
+    """One kind of operation. ``name`` labels it in messages and docs. ``starts_layer``: a residual block whose
+    branch holds this op opens a layer that depth alignment places as one unit with the blocks after it
+    (attention: a transformer layer's attention and feed-forward sub-blocks)."""
 
     name: ClassVar[str] = ""
+    starts_layer: ClassVar[bool] = False
     modules: ClassVar[tuple[type, ...]] = ()
     functions: ClassVar[frozenset] = frozenset()
     methods: ClassVar[frozenset] = frozenset()
@@ -99,6 +103,7 @@ class LayerOp(OpHandler):
     in_key: ClassVar[str] = ""
     out_key: ClassVar[str] = ""
     image_input: ClassVar[bool] = False  # a network starting with this layer reads N x C x H x W images
+    token_input: ClassVar[bool] = False  # ... reads N x tokens integer ids
     writes_space: ClassVar[bool] = True  # it produces a new neuron space (False: it acts within its input's)
 
     def in_width(self, mod: nn.Module) -> int:
@@ -147,6 +152,15 @@ class LinearOp(LayerOp):
         if v.spatial:
             raise UnsupportedModelError(f"{where(node, t.modules)}: Linear applied to a conv feature map without "
                                         "flattening")
+        if v.layout not in (None, "tokens"):
+            raise UnsupportedModelError(f"{where(node, t.modules)}: Linear applied to a {_LAYOUTS[v.layout]} tensor "
+                                        "(hetfuse follows Linear layers over the features of N x features or N x "
+                                        "tokens x features tensors)")
+        if v.layout == "tokens":
+            t.consume(node, v, f"{node.target}.weight", mod.in_features)
+            t.produce(node, mod, self.kind, mod.out_features, self._out_members(node.target, mod), v, spatial=False,
+                      layout="tokens")
+            return
         block = v.block
         if block is None:  # flattened map of unknown size: NCHW flattening is channel-major
             c = t.spaces[t.find(v.space)].size
@@ -211,12 +225,15 @@ class ChannelwiseOp(LayerOp):
 
     writes_space = False
 
+    def width_of(self, mod: nn.Module) -> int:
+        return int(getattr(mod, self.out_key))
+
     def _tie(self, t, node, mod, names: list[str], *, norm: bool) -> None:
         v = t.source(node, node.args[0])
         if v.space in (_INPUT, _META):
             raise UnsupportedModelError(f"{where(node, t.modules)}: {self.name} on the raw input is not supported")
         s = t.find(v.space)
-        width = getattr(mod, self.out_key)
+        width = self.width_of(mod)
         if t.spaces[s].size != width:
             raise UnsupportedModelError(f"{where(node, t.modules)}: {self.name} has {width} channels, its input "
                                         f"{t.spaces[s].size}")
@@ -237,7 +254,7 @@ class ChannelwiseOp(LayerOp):
                 sp.act_module = node.target
         # else a pre-activation norm (BN -> ReLU -> conv) of a value used elsewhere too, e.g. a residual stream,
         # or a depthwise layer: its entries move with the space, but the space is still read where it is formed
-        t.vals[node] = t.value(v.space, spatial=v.spatial, hw=t.hw_of(node) or v.hw)
+        t.vals[node] = t.value(v.space, spatial=v.spatial, hw=t.hw_of(node) or v.hw, layout=v.layout)
         t.record(node.target, self.kind, node, v.space, v.space)
 
 
@@ -293,6 +310,190 @@ class DepthwiseConvOp(ChannelwiseOp):
             args["in_channels"] = args["out_channels"] = args["groups"] = width
             return True
         return False
+
+
+_LAYOUTS = {None: "N x features", "nct": "N x channels x positions", "tokens": "N x tokens x features",
+            "split": "N x tokens x heads x head-features", "headed": "N x heads x tokens x head-features"}
+
+
+def _shape_name(v) -> str:
+    return "N x C x H x W" if v.spatial else _LAYOUTS.get(v.layout, str(v.layout))
+
+
+class LayerNormOp(ChannelwiseOp):
+    """LayerNorm / RMSNorm over the features (the last axis): it commutes with a permutation of the features, so
+    its weight and bias move with its input's space (a residual stream). It is never where the space is read.
+    Soft maps (transport plans, zip merges) do not commute with it: fusion through them is approximate."""
+
+    name, kind = "LayerNorm", "layernorm"
+    modules = (nn.LayerNorm, nn.RMSNorm)
+    spec_types = {"LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine", "bias")),
+                  "RMSNorm": (nn.RMSNorm, ("normalized_shape", "eps", "elementwise_affine"))}
+    in_key = out_key = "normalized_shape"
+
+    def in_width(self, mod):
+        return int(mod.normalized_shape[0])
+
+    def trace(self, t, node, mod):
+        v = t.source(node, node.args[0])
+        if len(mod.normalized_shape) != 1:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: {type(mod).__name__} over "
+                                        f"{len(mod.normalized_shape)} axes; hetfuse supports normalisation over the "
+                                        "features (the last axis)")
+        if v.spatial or v.layout not in (None, "tokens"):
+            raise UnsupportedModelError(f"{where(node, t.modules)}: {type(mod).__name__} over the last axis of a "
+                                        f"{_shape_name(v)} tensor is not over its "
+                                        "features")
+        names = [n for n in ("weight", "bias") if getattr(mod, n, None) is not None]
+        width = int(mod.normalized_shape[0])
+        s = t.find(v.space) if v.space >= 0 else None
+        if s is None or t.spaces[s].size != width:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: {type(mod).__name__} of {width} features on "
+                                        + ("the raw input" if s is None else f"{t.spaces[s].size} neurons"))
+        self._tie(t, node, mod, names, norm=False)
+
+    def width_of(self, mod):
+        return int(mod.normalized_shape[0])
+
+    def resize(self, args, old_in, new_in, new_out):
+        width = new_out if new_out is not None else new_in
+        shape = args["normalized_shape"]
+        shape = shape if isinstance(shape, (tuple, list)) else (shape,)
+        if width is not None and width != shape[0]:
+            args["normalized_shape"] = (width,)
+            return True
+        return False
+
+
+class EmbeddingOp(LayerOp):
+    """``nn.Embedding`` of the model's token ids: its weight's columns are the neurons of a new space (N x tokens
+    x embedding_dim)."""
+
+    name, kind, modules = "Embedding", "embedding", (nn.Embedding,)
+    token_input = True
+    spec_types = {"Embedding": (nn.Embedding, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm",
+                                               "norm_type", "scale_grad_by_freq", "sparse"))}
+    in_key, out_key = "num_embeddings", "embedding_dim"
+
+    def trace(self, t, node, mod):
+        v = t.source(node, node.args[0])
+        if v.space != _INPUT:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: an Embedding must read the model's token ids")
+        t.produce(node, mod, self.kind, mod.embedding_dim, [ParamAxis(f"{node.target}.weight", 1, "out")], v,
+                  spatial=False, layout="tokens")
+
+
+class ParamOp(OpHandler):
+    """A tensor attribute read in forward (a learned position embedding, a class token): it takes the space of the
+    hidden value it is added to or concatenated with (its last axis moves with the neurons)."""
+
+    name = "tensor attribute (position embedding, class token)"
+    methods = frozenset({"expand", "expand_as", "repeat"})
+
+    def matches(self, node, mod):
+        return node.op == "get_attr" or super().matches(node, mod)
+
+    def trace(self, t, node, mod):
+        if node.op == "get_attr":
+            t.vals[node] = t.value(_PARAM, param=node.target)
+            return
+        v = t.source(node, node.args[0], param_ok=True)
+        if v.space != _PARAM:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: .{node.target}() of a hidden tensor is not "
+                                        "supported (only of a tensor attribute, e.g. a class token)")
+        t.vals[node] = v
+
+
+class CatOp(OpHandler):
+    """``torch.cat`` of a tensor attribute (a class token) and a hidden N x tokens x features value along the
+    tokens."""
+
+    name = "concatenation of a class token"
+    functions = frozenset({torch.cat, torch.concat})
+
+    def trace(self, t, node, mod):
+        parts = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        vals = [t.source(node, p, param_ok=True) for p in parts]
+        hidden = [v for v in vals if v.space != _PARAM]
+        if len(hidden) != 1 or hidden[0].layout != "tokens" or dim not in (1, -2):
+            raise UnsupportedModelError(
+                f"{where(node, t.modules)}: concatenation is supported for tensor attributes (class tokens) joined to "
+                "one N x tokens x features hidden value along the tokens (dim 1)")
+        for v in vals:
+            if v.space == _PARAM:
+                t.tie_param(node, v, hidden[0].space)
+        t.vals[node] = hidden[0]
+
+
+class LayoutOp(OpHandler):
+    """Transposes that move the token and head axes of attention (N x C x T -> N x T x C after a patch embedding;
+    N x T x H x d <-> N x H x T x d around attention)."""
+
+    name = "transpose of tokens and heads"
+    methods = frozenset({"transpose"})
+    functions = frozenset({torch.transpose})
+    _SWAP = {"nct": "tokens", "split": "headed", "headed": "split"}
+
+    def trace(self, t, node, mod):
+        v = t.source(node, node.args[0])
+        dims = tuple(node.args[1:3]) if len(node.args) >= 3 else (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
+        if v.layout in self._SWAP and tuple(sorted(dims)) == (1, 2):
+            t.vals[node] = t.value(v.space, layout=self._SWAP[v.layout], heads=v.heads)
+            return
+        raise UnsupportedModelError(f"{where(node, t.modules)}: transpose{dims} of a "
+                                    f"{_shape_name(v)} tensor is not "
+                                    "supported")
+
+
+class AttentionOp(OpHandler):
+    """``F.scaled_dot_product_attention(q, k, v)`` over N x heads x tokens x d values: the query and key rows form
+    one space (a query and its key move together), the value rows another; heads move as wholes (see
+    :class:`~hetfuse.graph.spec.Attention`). The output lives in the value space."""
+
+    name = "scaled dot-product attention"
+    functions = frozenset({F.scaled_dot_product_attention})
+    starts_layer = True
+
+    def trace(self, t, node, mod):
+        q, k, v = (t.source(node, a) for a in node.args[:3])
+        if node.kwargs.get("attn_mask") is not None or len(node.args) > 3:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: attention with a mask is not supported")
+        if any(x.layout != "headed" for x in (q, k, v)) or len({q.heads, k.heads, v.heads}) != 1:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: attention needs queries, keys and values split "
+                                        "into the same number of heads (N x heads x tokens x d)")
+        if len({t.find(q.space), t.find(k.space), t.find(v.space)}) != 3:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: queries, keys and values must come from three "
+                                        "different layers")
+        if t.spaces[t.find(q.space)].size != t.spaces[t.find(k.space)].size:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: queries and keys of different sizes")
+        qk = t.merge(node, q.space, k.space)
+        t.attention.append((qk, v.space, q.heads))
+        t.vals[node] = t.value(v.space, layout="headed", heads=v.heads)
+
+
+class TokenPoolOp(OpHandler):
+    """Pooling over positions by ``mean``: over the tokens of N x tokens x features (dim 1), or over the positions
+    of a conv map (dims 2, 3); the result is flat (N x features)."""
+
+    name = "mean over tokens or positions"
+    methods = frozenset({"mean"})
+    functions = frozenset({torch.mean})
+
+    def trace(self, t, node, mod):
+        v = t.source(node, node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+        ok = (v.layout == "tokens" and dims in ((1,), (-2,))) or \
+            (v.spatial and v.layout is None and tuple(sorted(dims)) in ((2, 3), (-2, -1)))
+        if not ok or keep:
+            raise UnsupportedModelError(f"{where(node, t.modules)}: mean over {dim!r} of a "
+                                        f"{_shape_name(v)} tensor "
+                                        "is not supported (the tokens, or the positions of a conv map, without "
+                                        "keepdim)")
+        t.vals[node] = t.value(v.space)
+
 
 
 class ElementwiseOp(OpHandler):
@@ -355,12 +556,54 @@ class FlattenOp(OpHandler):
         v = t.source(node, node.args[0])
         if v.space == _META:
             raise UnsupportedModelError(f"{where(node, t.modules)}: unsupported use of a shape value")
+        start = _flatten_start(node, mod)
+        if v.space != _INPUT and (v.layout is not None or (v.spatial and start == 2)):
+            t.vals[node] = _token_reshape(t, node, v, start)
+            return
         if v.space != _INPUT and not v.spatial and node.op == "call_method" and node.target != "flatten":
             _check_flat_reshape(node, t.spaces[t.find(v.space)].size)
         out = t.value(v.space, spatial=False, block=v.block)
         if v.spatial and v.space != _INPUT:
             out.block = v.hw  # None when unknown: the consuming Linear's fan-in tells
         t.vals[node] = out
+
+
+def _flatten_start(node: fx.Node, mod) -> int | None:
+    """The start dim of a flatten (module, function or method); None for view/reshape."""
+    if mod is not None:
+        return mod.start_dim
+    if node.target in ("view", "reshape"):
+        return None
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0 if node.op == "call_function" else 0)
+
+
+def _token_reshape(t, node: fx.Node, v, start: int | None):
+    """Reshapes of token values: a conv map flattened over its positions (N x C x T), features split into heads
+    (N x T x H x d) and joined back (N x T x C)."""
+    size = t.spaces[t.find(v.space)].size
+    if start == 2 and v.spatial:
+        return t.value(v.space, layout="nct")
+    if start == 2 and v.layout == "split":
+        return t.value(v.space, layout="tokens")
+    if start is None:
+        args = list(node.args[1:])
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        meta = node.meta.get("tensor_meta")
+        if v.layout == "tokens" and len(dims) == 4:
+            heads = dims[2] if isinstance(dims[2], int) else (meta.shape[2] if meta is not None else None)
+            if heads is None:
+                raise UnsupportedModelError(f"{where(node, t.modules)}: the number of heads is a traced value; "
+                                            "describe the model with an example input, or use a number")
+            if heads > 0 and size % heads == 0 and (not isinstance(dims[3], int) or dims[3] in (-1, size // heads)):
+                return t.value(v.space, layout="split", heads=heads)
+        last = dims[-1] if dims else None
+        whole = isinstance(last, fx.Node) or last in (-1, size)  # a traced size: the run itself checks it
+        if v.layout in ("split", "tokens") and len(dims) == 3 and whole:
+            return t.value(v.space, layout="tokens")
+    raise UnsupportedModelError(f"{where(node, t.modules)}: {op_name(node, t.modules)} of a "
+                                f"{_shape_name(v)} tensor "
+                                f"({node.args[1:]}) is not supported; hetfuse follows splitting the features into "
+                                "heads and joining them back, and flattening a conv map's positions into tokens")
 
 
 def _check_flat_reshape(node: fx.Node, size: int) -> None:
@@ -379,7 +622,21 @@ class AddOp(OpHandler):
     functions = frozenset({operator.add, operator.iadd, torch.add})
 
     def trace(self, t, node, mod):
-        a, b = (t.source(node, x) for x in node.args[:2])
+        a, b = (t.source(node, x, param_ok=True) for x in node.args[:2])
+        if (a.space == _PARAM) != (b.space == _PARAM):  # a position embedding added to a hidden value
+            param, hidden = (a, b) if a.space == _PARAM else (b, a)
+            if hidden.space in (_INPUT, _META):
+                raise UnsupportedModelError(f"{where(node)}: a tensor attribute added to the raw input is not "
+                                            "supported")
+            if hidden.spatial or hidden.layout not in (None, "tokens"):
+                raise UnsupportedModelError(f"{where(node)}: a tensor attribute added to a "
+                                            f"{_shape_name(hidden)} tensor "
+                                            "(hetfuse ties attributes along the features, the last axis)")
+            t.tie_param(node, param, hidden.space)
+            t.vals[node] = hidden
+            return
+        if _PARAM in (a.space, b.space):
+            raise UnsupportedModelError(f"{where(node)}: a sum of two tensor attributes is not supported")
         if _INPUT in (a.space, b.space) or _META in (a.space, b.space):
             raise UnsupportedModelError(f"{where(node)}: addition involving the raw input or a shape value is not "
                                         "supported")
@@ -393,7 +650,10 @@ class AddOp(OpHandler):
             if operand.name in sp.act_nodes and len(operand.users) == 1:
                 sp.act_nodes.remove(operand.name)
         sp.act_nodes.append(node.name)
-        t.vals[node] = t.value(ra, spatial=a.spatial, hw=a.hw if a.hw is not None else b.hw)
+        if a.layout != b.layout:
+            raise UnsupportedModelError(f"{where(node)}: a sum of a {_LAYOUTS.get(a.layout, a.layout)} and a "
+                                        f"{_LAYOUTS.get(b.layout, b.layout)} tensor")
+        t.vals[node] = t.value(ra, spatial=a.spatial, hw=a.hw if a.hw is not None else b.hw, layout=a.layout)
 
 
 class ShapeOp(OpHandler):
@@ -402,6 +662,7 @@ class ShapeOp(OpHandler):
 
     name = "shape query"
     methods = frozenset({"size", "dim"})
+    functions = frozenset({getattr})  # x.shape (matched by matches(); listed for structural edits)
 
     def matches(self, node, mod):
         if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
@@ -414,13 +675,19 @@ class ShapeOp(OpHandler):
 
 
 class ShapeIndexOp(OpHandler):
-    name = "indexing a shape"
+    name = "indexing a shape or one token"
+    functions = frozenset({operator.getitem})  # (matched by matches(); listed for structural edits)
 
     def matches(self, node, mod):
         return node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)
 
     def trace(self, t, node, mod):
         v = t.vals.get(node.args[0])
+        index = node.args[1] if len(node.args) > 1 else None
+        if v is not None and v.layout == "tokens" and isinstance(index, tuple) and len(index) == 2 and \
+                index[0] == slice(None) and isinstance(index[1], int):
+            t.vals[node] = t.value(v.space)  # one token (a class token): N x features
+            return
         if v is None or v.space != _META:
             raise UnsupportedModelError(_getitem_message(node))
         t.vals[node] = t.value(_META)
@@ -444,8 +711,9 @@ def _getitem_message(node: fx.Node) -> str:
 
 
 # The table, in the order the handlers are tried.
-OPS: list[OpHandler] = [LinearOp(), ConvOp(), DepthwiseConvOp(), NormOp(), ElementwiseOp(), PoolOp(), FlattenOp(),
-                        AddOp(), ShapeOp(), ShapeIndexOp()]
+OPS: list[OpHandler] = [LinearOp(), ConvOp(), DepthwiseConvOp(), NormOp(), LayerNormOp(), EmbeddingOp(),
+                        ElementwiseOp(), PoolOp(), FlattenOp(), AddOp(), ShapeOp(), ShapeIndexOp(), ParamOp(), CatOp(),
+                        LayoutOp(), AttentionOp(), TokenPoolOp()]
 _LAYERS: dict[str, LayerOp] = {h.kind: h for h in OPS if isinstance(h, LayerOp)}
 
 
@@ -486,7 +754,7 @@ def edit_functions() -> dict[str, object]:
     for h in OPS:
         for f in h.functions:
             mod = getattr(f, "__module__", None) or "builtins"
-            if f in (operator.add, operator.iadd):
+            if mod == "_operator":
                 mod = "operator"
             out[f"{mod}.{f.__name__}"] = f
     return out
@@ -528,6 +796,11 @@ def is_nonnegative(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         return type(modules.get(node.target)) is nn.ReLU6
     return node.op == "call_function" and node.target is F.relu6
+
+
+def starts_layer(node: fx.Node, modules: dict) -> bool:
+    h = handler_for(node, modules)
+    return h is not None and h.starts_layer
 
 
 def is_add(node: fx.Node) -> bool:

@@ -291,6 +291,8 @@ def _insert(gm: fx.GraphModule, edit: dict, modules: dict[str, nn.Module]) -> No
             elif op == "call_function":
                 if target not in FUNCTIONS:
                     raise CheckpointError(f"inserted node calls {target!r}; allowed: {', '.join(FUNCTIONS)}")
+                if FUNCTIONS[target] is getattr and (len(args) != 2 or args[1] != "shape"):
+                    raise CheckpointError("inserted getattr nodes may only read a tensor's shape")
                 node = gm.graph.call_function(FUNCTIONS[target], args, kwargs)
             elif op == "call_method":
                 if target not in METHODS:

@@ -55,13 +55,27 @@ class NeuronSpace:
         return [m for m in self.members if m.role == "in"]
 
 
+@dataclass(frozen=True)
+class Attention:
+    """Multi-head attention between neuron spaces: ``qk`` (the query and key rows, one space: a query and its key
+    must move together) and ``v`` (the value rows and the output projection's input columns), ``heads`` heads of
+    ``size // heads`` consecutive neurons each. The function is unchanged by a permutation of whole heads (the same
+    one in both spaces) composed with, inside each head, any permutation of ``qk`` and any permutation of ``v``;
+    other permutations of these spaces change it."""
+
+    qk: int
+    v: int
+    heads: int
+
+
 INPUT = -1   # ModuleInfo.in_space of a layer that reads the model's input
 OUTPUT = -2  # ModuleInfo.out_space of the output layer
 
 
 @dataclass
 class ModuleInfo:
-    """A parametric module (Linear, Conv2d or BatchNorm) as the description sees it.
+    """A parametric module (Linear, Conv2d, BatchNorm, ...) or a tensor attribute (kind ``param``: a position
+    embedding, a class token; ``name`` is its owner module) as the description sees it.
 
     ``in_space`` / ``out_space`` index the hidden neuron spaces (:data:`INPUT` for the model's input,
     :data:`OUTPUT` for the class outputs); a BatchNorm has the space it normalises on both sides.
@@ -69,11 +83,15 @@ class ModuleInfo:
     """
 
     name: str
-    kind: Literal["linear", "conv", "norm"]
+    kind: str  # the op table's layer kind ("linear", "conv", "norm", ...) or "param" (a tensor attribute)
     node: str
     in_space: int
     out_space: int
     params: list[str]
+
+    def key(self, param: str) -> str:
+        """The state-dict key of one of its tensors (the root module's attributes have no prefix)."""
+        return f"{self.name}.{param}" if self.name else param
 
 
 @dataclass
@@ -95,6 +113,12 @@ class NetworkGraph:
     conv: bool = False
     modules: list[ModuleInfo] = field(default_factory=list)
     gm: object = field(default=None, repr=False, compare=False)
+    attention: list[Attention] = field(default_factory=list)
+    feature_last: frozenset[str] = frozenset()  # fx nodes whose neurons are on the last axis (N x tokens x D)
+
+    def heads_of(self, space: int) -> Attention | None:
+        """The attention whose ``qk`` or ``v`` space is ``space`` (its permutations are restricted), or None."""
+        return next((a for a in self.attention if space in (a.qk, a.v)), None)
 
     @property
     def depth(self) -> int:
@@ -111,6 +135,13 @@ class NetworkGraph:
         from .ops import layer_op
 
         return bool(self.modules) and layer_op(self.modules[0].kind).image_input
+
+    @property
+    def token_input(self) -> bool:
+        """Whether the network reads N x tokens integer ids (it starts with an embedding)."""
+        from .ops import layer_op
+
+        return bool(self.modules) and layer_op(self.modules[0].kind).token_input
 
 
 def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) -> torch.Tensor:
@@ -177,15 +208,29 @@ def permute_state(state: dict[str, torch.Tensor], space: NeuronSpace, perm: torc
     return new
 
 
+def head_permutation(order: torch.Tensor, within: list[torch.Tensor]) -> torch.Tensor:
+    """The permutation of a space of ``len(order)`` heads that puts old head ``order[h]`` at head ``h``, its
+    neurons reordered by ``within[h]`` (new neuron j = old neuron perm[j], as :func:`permute_state`)."""
+    d = len(within[0])
+    return torch.cat([order[h] * d + within[h] for h in range(len(order))])
+
+
 def permuted_copy(model: nn.Module, graph: NetworkGraph, *, seed: int = 0) -> tuple[nn.Module, list[torch.Tensor]]:
-    """A copy of ``model`` with every neuron space permuted at random; returns it and the permutations."""
+    """A copy of ``model`` with every neuron space permuted at random (attention spaces: whole heads, the same
+    order in the query/key and the value space, and within each head); returns it and the permutations."""
     import copy
 
     g = torch.Generator().manual_seed(seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    head_order = {a: torch.randperm(a.heads, generator=g) for a in graph.attention}
     perms = []
-    for space in graph.spaces:
-        perm = torch.randperm(space.size, generator=g)
+    for i, space in enumerate(graph.spaces):
+        att = graph.heads_of(i)
+        if att is None:
+            perm = torch.randperm(space.size, generator=g)
+        else:
+            perm = head_permutation(head_order[att], [torch.randperm(space.size // att.heads, generator=g)
+                                                      for _ in range(att.heads)])
         state = permute_state(state, space, perm)
         perms.append(perm)
     clone = copy.deepcopy(model)

@@ -28,18 +28,25 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from . import ops
-from .spec import INPUT, OUTPUT, ModuleInfo, NetworkGraph, NeuronSpace, ParamAxis
+from .spec import INPUT, OUTPUT, Attention, ModuleInfo, NetworkGraph, NeuronSpace, ParamAxis
 
 _INPUT = -1
-_META = -2  # a shape or size value (x.shape, x.size(0)): allowed as an argument of view/reshape only
+_META = -2   # a shape or size value (x.shape, x.size(0)): allowed as an argument of view/reshape only
+_PARAM = -3  # a tensor attribute of the model (get_attr): tied to the space it is added to or concatenated with
 
 
 @dataclass
 class _Val:
-    space: int            # index into the provisional spaces, _INPUT or _META
+    space: int            # index into the provisional spaces, _INPUT, _META or _PARAM
     spatial: bool = False  # N x C x H x W (channels are the neurons)
     hw: int | None = None  # H * W when known
     block: int | None = 1  # after flattening a conv map: input columns per channel (None: H*W not yet known)
+    # where the neurons are in a tensor that is neither N x C (x H x W) nor flat: "nct" (N x C x tokens: a conv map
+    # flattened over positions), "tokens" (N x tokens x C), "split" (N x tokens x heads x C/heads), "headed"
+    # (N x heads x tokens x C/heads); None otherwise
+    layout: str | None = None
+    heads: int | None = None  # split / headed layouts
+    param: str | None = None  # _PARAM: the attribute's name
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -110,8 +117,11 @@ class Tracer:
         self.consumers: dict[int, list[str]] = {}
         self.layer_order: list[str] = []
         self.records: list[tuple[str, str, str, int, int]] = []  # name, kind, node, in space, out space
+        self.attributes: dict[int, str] = {}  # record index -> local name, for tensor attributes (kind "param")
         self.called: set[str] = set()
         self._ops: dict[str, object] = {}
+        self.feature_last: set[str] = set()           # nodes whose neurons are on the last axis (tokens layout)
+        self.attention: list[tuple[int, int, int]] = []  # (query/key space, value space, heads)
 
     value = staticmethod(_Val)
 
@@ -125,10 +135,34 @@ class Tracer:
             i = parent[i]
         return i
 
-    def source(self, node: fx.Node, arg) -> _Val:
+    def source(self, node: fx.Node, arg, *, param_ok: bool = False) -> _Val:
         if not isinstance(arg, fx.Node) or arg not in self.vals:
             raise UnsupportedModelError(f"{ops.where(node, self.modules)}: unsupported input {arg!r}")
-        return self.vals[arg]
+        v = self.vals[arg]
+        if v.space == _PARAM and not param_ok:
+            raise UnsupportedModelError(
+                f"{ops.where(node, self.modules)}: {ops.op_name(node, self.modules)} applied to the tensor attribute "
+                f"'{v.param}'; hetfuse supports tensor attributes that are added to a hidden value (position "
+                "embeddings) or concatenated with it along the tokens (class tokens)")
+        return v
+
+    def tie_param(self, node: fx.Node, v: _Val, space: int) -> None:
+        """The tensor attribute of ``v`` (a position embedding, a class token) is added to or concatenated with
+        ``space``: its last axis moves with the space's neurons."""
+        state = self.gm.state_dict()
+        if v.param not in state:
+            raise UnsupportedModelError(f"{ops.where(node, self.modules)}: the tensor attribute '{v.param}' is neither "
+                                        "a parameter nor a buffer (it would not be saved or fused)")
+        tensor = state[v.param]
+        s = self.find(space)
+        if tensor.shape[-1] != self.spaces[s].size:
+            raise UnsupportedModelError(
+                f"{ops.where(node, self.modules)}: the tensor attribute '{v.param}' has {tensor.shape[-1]} entries on "
+                f"its last axis, the hidden value it meets {self.spaces[s].size} neurons")
+        self.spaces[s].members.append(ParamAxis(v.param, tensor.dim() - 1, "out"))
+        owner, _, local = v.param.rpartition(".")
+        self.attributes[len(self.records)] = local
+        self.record(owner, "param", node, space, space)
 
     @staticmethod
     def hw_of(node: fx.Node) -> int | None:
@@ -152,14 +186,15 @@ class Tracer:
         self.consumers.setdefault(s, []).append(str(node.target))
 
     def produce(self, node: fx.Node, mod: nn.Module, kind: str, size: int, members: list[ParamAxis], v: _Val, *,
-                spatial: bool) -> None:
-        """A new neuron space of ``size`` neurons written by layer ``node``."""
+                spatial: bool, layout: str | None = None) -> None:
+        """A new neuron space of ``size`` neurons written by layer ``node`` (``layout="tokens"``: N x tokens x
+        size)."""
         name = node.target
         self.spaces.append(NeuronSpace(name=name, size=size, kind=kind, producers=[name], act_module=name,
                                        members=members, act_nodes=[node.name]))
         self.parent.append(len(self.spaces) - 1)
         i = len(self.spaces) - 1
-        self.vals[node] = _Val(i, spatial=spatial, hw=self.hw_of(node) if spatial else None)
+        self.vals[node] = _Val(i, spatial=spatial, hw=self.hw_of(node) if spatial else None, layout=layout)
         self.layer_order.append(name)
         self.record(name, kind, node, v.space, i)
 
@@ -194,9 +229,6 @@ class Tracer:
                 raise UnsupportedModelError(f"node '{node.name}': models with several inputs are not supported")
             self.vals[node] = _Val(_INPUT, spatial=False)
             return None
-        if node.op == "get_attr":
-            raise UnsupportedModelError(f"{ops.where(node)}: direct use of the tensor attribute '{node.target}' in "
-                                        "forward is not supported")
         if node.op == "output":
             return self.source(node, node.args[0])
         handler = self.op_of(node)
@@ -210,6 +242,9 @@ class Tracer:
                                             "than once (shared weights are not supported)")
             self.called.add(node.target)
         handler.trace(self, node, mod)
+        out = self.vals.get(node)
+        if out is not None and out.layout == "tokens":
+            self.feature_last.add(node.name)
         return None
 
 
@@ -257,7 +292,11 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
         return OUTPUT if r == out_root else position[r]
 
     infos = []
-    for name, kind, node_name, i_in, i_out in t.records:
+    for r, (name, kind, node_name, i_in, i_out) in enumerate(t.records):
+        if r in t.attributes:  # a tensor attribute (position embedding, class token) of module ``name``
+            infos.append(ModuleInfo(name, kind, node_name, hidden_index(i_in), hidden_index(i_out),
+                                    [t.attributes[r]]))
+            continue
         mod = modules[name]
         present = [k for k, _ in mod.named_parameters(recurse=False)] + \
             [k for k, b in mod.named_buffers(recurse=False) if b is not None]
@@ -270,6 +309,12 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
     chain = len(hidden) == len(layer_order) - 1 and all(
         not s.stream and len(consumers[i]) == 1 and order[consumers[i][0]] == order[s.producers[0]] + 1
         for i, s in zip(roots, hidden, strict=True))
+    attention = []
+    for qk, v, heads in t.attention:
+        if find(qk) == out_root or find(v) == out_root:
+            raise UnsupportedModelError(f"{type(model).__name__}: attention feeds the output directly")
+        attention.append(Attention(position[find(qk)], position[find(v)], heads))
     return NetworkGraph(spaces=hidden, input_dim=input_dim, output_dim=out_space.size, chain=chain,
                         layer_modules=layer_order,
-                        conv=any(s.kind == "conv" for s in hidden), modules=infos, gm=gm)
+                        conv=any(s.kind == "conv" for s in hidden), modules=infos, gm=gm,
+                        attention=list(dict.fromkeys(attention)), feature_last=frozenset(t.feature_last))

@@ -13,6 +13,7 @@ from ..graph.spec import transform_axis
 from ..registry import register
 from .assignment import solve_assignment
 from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap, parallel_map
+from .heads import head_structured, restrict_to_heads
 
 
 def _equal_widths(ctx: MatchContext, name: str) -> list[int]:
@@ -62,8 +63,11 @@ class PermActs(NeuronMatcher):
                 continue
             corr = [st.correlation(i, t, s).cpu().numpy() for s in range(ctx.n_spaces)]
             found = parallel_map(lambda c: solve_assignment(c, maximize=True), corr)
-            maps.append([permutation_map(cols) for cols, _ in found])
-            solvers.append([name for _, name in found])
+            attention = ctx.graphs[t].attention
+            cols = restrict_to_heads([c for c, _ in found], corr, attention)
+            maps.append([permutation_map(c) for c in cols])
+            heads = {s for a in attention for s in (a.qk, a.v)}
+            solvers.append([name + (" (heads as units)" if s in heads else "") for s, (_, name) in enumerate(found)])
         return MatchResult(widths, maps, {"solvers": solvers})
 
 
@@ -130,32 +134,47 @@ class PermWeights(NeuronMatcher):
             m[torch.arange(n), torch.as_tensor(p)] = 1.0
             return m
 
+        partner = {}  # an attention's query/key and value spaces are solved together (heads as units)
+        for att in ctx.graphs[t].attention:
+            partner[att.qk] = partner[att.v] = att
+
+        def cost_of(s: int) -> np.ndarray:
+            n = widths[s]
+            cost = torch.zeros(n, n, dtype=torch.float64)
+            for k in by_space.get(s, []):
+                a, b, axes = tied[k]
+                for idx, (s2, ax) in enumerate(axes):
+                    if s2 != s:
+                        continue
+                    aa = a
+                    for jdx, (s3, ax3) in enumerate(axes):  # every other tied axis at its current permutation
+                        if jdx != idx:
+                            aa = transform_axis(aa, ax3, perm_matrix(perms[s3]).to(aa.device))
+                    ra = aa.movedim(ax.axis, 0).reshape(n, -1)  # a block of columns per neuron stays together
+                    rb = b.movedim(ax.axis, 0).reshape(n, -1)
+                    cost += (ra @ rb.T).cpu()
+            return cost.numpy()
+
         sweeps = 0
         for _ in range(self.params.max_iter):
             sweeps += 1
             changed = False
             for s in gen.permutation(len(widths)):
                 s = int(s)
-                n = widths[s]
-                cost = torch.zeros(n, n, dtype=torch.float64)
-                for k in by_space.get(s, []):
-                    a, b, axes = tied[k]
-                    for idx, (s2, ax) in enumerate(axes):
-                        if s2 != s:
-                            continue
-                        aa = a
-                        for jdx, (s3, ax3) in enumerate(axes):  # every other tied axis at its current permutation
-                            if jdx != idx:
-                                aa = transform_axis(aa, ax3, perm_matrix(perms[s3]).to(aa.device))
-                        ra = aa.movedim(ax.axis, 0).reshape(n, -1)  # a block of columns per neuron stays together
-                        rb = b.movedim(ax.axis, 0).reshape(n, -1)
-                        cost += (ra @ rb.T).cpu()
-                c = cost.numpy()
-                cols, _ = solve_assignment(c, maximize=True)
-                old = c[np.arange(n), perms[s]].sum()
-                new = c[np.arange(n), cols].sum()
+                att = partner.get(s)
+                group = [s] if att is None else [att.qk, att.v]
+                if att is not None and s != att.qk:
+                    continue  # solved with its query/key space
+                costs = [cost_of(k) for k in group]
+                if att is None:
+                    found = [solve_assignment(costs[0], maximize=True)[0]]
+                else:
+                    found = head_structured(costs, att.heads)
+                old = sum(c[np.arange(len(perms[k])), perms[k]].sum() for c, k in zip(costs, group, strict=True))
+                new = sum(c[np.arange(len(f)), f].sum() for c, f in zip(costs, found, strict=True))
                 if new > old + 1e-12 * max(1.0, abs(old)):
-                    perms[s] = cols
+                    for k, f in zip(group, found, strict=True):
+                        perms[k] = f
                     changed = True
             if not changed:
                 break

@@ -56,17 +56,18 @@ class _OnePass(fx.Interpreter):
     """Runs the network once on all samples, correcting each repaired layer as soon as its output is known (the
     values after it are then computed from the corrected output)."""
 
-    def __init__(self, gm, fixes: dict[str, tuple[int, nn.Module]], target, eps: float):
+    def __init__(self, gm, fixes: dict[str, tuple[int, nn.Module]], target, eps: float, feature_last=frozenset()):
         super().__init__(gm)
-        self.fixes, self.target, self.eps = fixes, target, eps
+        self.fixes, self.target, self.eps, self.feature_last = fixes, target, eps, feature_last
 
     def run_node(self, n):
         out = super().run_node(n)
         if n.name in self.fixes:
             layer, lin = self.fixes[n.name]
-            r = rows(out).to(torch.float64)
+            last = n.name in self.feature_last  # N x tokens x features
+            r = (out.reshape(-1, out.shape[-1]) if last else rows(out)).to(torch.float64)
             scale, shift = _correct(lin, r.mean(0), r.std(0, unbiased=False), *self.target(layer), self.eps)
-            shape = [1, -1] + [1] * (out.dim() - 2)
+            shape = [1] * (out.dim() - 1) + [-1] if last else [1, -1] + [1] * (out.dim() - 2)
             out = (out.to(torch.float64) * scale.view(shape) + shift.view(shape)).to(out.dtype)
         return out
 
@@ -99,7 +100,7 @@ def repair_spaces(model: nn.Module, graph, x: torch.Tensor, target, spaces: list
         fixes = {graph.spaces[layer].act_nodes[0]: (layer, model.get_submodule(graph.spaces[layer].producers[0]))
                  for layer in spaces}
         dev = next(iter(model.parameters())).device
-        _OnePass(gm, fixes, target, eps).run(x.to(dev))
+        _OnePass(gm, fixes, target, eps, graph.feature_last).run(x.to(dev))
         return model
     for layer in spaces:
         lin = model.get_submodule(graph.spaces[layer].producers[0])

@@ -1,0 +1,234 @@
+"""Transformers in the description and the fusion engine: the residual stream (embeddings, position embeddings, a
+class token, every LayerNorm), feed-forward spaces and attention heads, derived by tracing and checked by
+permuting; heads matched as whole units; depth balancing with zero (identity) layers. The conformance suite runs
+every method over the transformer kinds of ``models_zoo_for_tests``; these tests check what is particular to
+attention."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hetfuse import FusionConfig, fuse, load_model, prepare_fusion, save_model
+from hetfuse.errors import DataError, HetfuseError, UnsupportedModelError
+from hetfuse.graph import check_permutation_invariance, describe, depth_groups, permute_state, permuted_copy
+from hetfuse.graph.spec import head_permutation
+from hetfuse.match.heads import head_structured
+from hetfuse.models import build_model
+from models_zoo_for_tests import HandViT, inputs, make
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _vit(depth=2, **kw):
+    opts = ",".join(f"{k}={v}" for k, v in {"depth": depth, "dim": 16, "heads": 4, "patch": 8, **kw}.items())
+    return build_model(f"vit:{opts}", input_dim=3, output_dim=10, input_shape=(3, 32, 32)).eval()
+
+
+def test_the_stream_holds_embeddings_positions_class_token_and_every_layernorm():
+    model = make("vit-hand")
+    g = describe(model, example=inputs("vit-hand", 2, 0))
+    stream = [s for s in g.spaces if s.stream]
+    assert len(stream) == 1
+    names = {m.name for m in stream[0].members}
+    assert {"embed.weight", "embed.bias", "cls", "pos", "ln.weight", "ln.bias", "fc.weight"} <= names
+    for k in range(2):
+        assert {f"layers.{k}.ln_a.weight", f"layers.{k}.attn.q.weight", f"layers.{k}.attn.k.weight",
+                f"layers.{k}.attn.v.weight", f"layers.{k}.attn.out.weight", f"layers.{k}.attn.out.bias",
+                f"layers.{k}.up.weight", f"layers.{k}.down.bias"} <= names
+    by_name = {s.name: i for i, s in enumerate(g.spaces)}
+    assert [(a.qk, a.v, a.heads) for a in g.attention] == [
+        (by_name[f"layers.{k}.attn.q"], by_name[f"layers.{k}.attn.v"], 4) for k in range(2)]
+    qk = g.spaces[g.attention[0].qk]
+    assert {m.name for m in qk.members} == {"layers.0.attn.q.weight", "layers.0.attn.q.bias",
+                                            "layers.0.attn.k.weight", "layers.0.attn.k.bias"}
+    assert {m.name for m in g.spaces[g.attention[0].v].members} == {
+        "layers.0.attn.v.weight", "layers.0.attn.v.bias", "layers.0.attn.out.weight"}
+    assert [len(gr.units) for gr in depth_groups(g)] == [2]  # one unit per layer: attention + feed-forward
+
+
+@pytest.mark.parametrize("kind", ["vit-hand", "vit-zoo", "bert-zoo"])
+def test_permuting_every_space_heads_as_units_leaves_the_function_unchanged(kind):
+    model = make(kind)
+    x = inputs(kind, 6, 1)
+    g = describe(model, example=x)
+    assert g.attention and g.feature_last
+    for seed in range(3):
+        check_permutation_invariance(model, g, x, seed=seed)
+
+
+def test_a_permutation_across_heads_changes_the_function_so_the_heads_constraint_is_real():
+    model = make("vit-hand")
+    x = inputs("vit-hand", 6, 1)
+    g = describe(model, example=x)
+    att = g.attention[0]
+    for s in (att.qk, att.v):
+        perm = torch.arange(g.spaces[s].size)
+        perm[[0, 4]] = perm[[4, 0]]  # swap a neuron of head 0 with one of head 1 (head dim 4)
+        clone = HandViT().eval()
+        clone.load_state_dict(permute_state(model.state_dict(), g.spaces[s], perm))
+        with torch.no_grad():
+            assert (clone(x) - model(x)).abs().max() > 1e-4
+    # a whole-head swap, the same in both spaces, changes nothing
+    state = model.state_dict()
+    for s in (att.qk, att.v):
+        state = permute_state(state, g.spaces[s], head_permutation(torch.tensor([1, 0, 2, 3]),
+                                                                   [torch.arange(4)] * 4))
+    clone = HandViT().eval()
+    clone.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_check_catches_a_position_embedding_left_out_of_the_stream():
+    model = make("vit-hand")
+    x = inputs("vit-hand", 6, 1)
+    g = describe(model, example=x)
+    stream = next(s for s in g.spaces if s.stream)
+    stream.members = [m for m in stream.members if m.name != "pos"]
+    with pytest.raises(AssertionError):
+        check_permutation_invariance(model, g, x)
+
+
+def _brute_force(scores, heads):
+    """max over every head-structured permutation (head order shared, any order within heads) of the summed
+    scores."""
+    d = scores[0].shape[0] // heads
+    best = -np.inf
+    for order in itertools.permutations(range(heads)):
+        total = 0.0
+        for c in scores:
+            for a, b in enumerate(order):
+                block = c[a * d:(a + 1) * d, b * d:(b + 1) * d]
+                total += max(sum(block[i, p[i]] for i in range(d)) for p in itertools.permutations(range(d)))
+        best = max(best, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_heads_as_units_is_the_best_head_structured_permutation(seed):
+    rng = np.random.default_rng(seed)
+    heads, d = (3, 2) if seed % 2 else (2, 3)
+    scores = [rng.normal(size=(heads * d, heads * d)) for _ in range(2)]
+    cols = head_structured(scores, heads)
+    for c in cols:
+        assert sorted(c) == list(range(heads * d))
+        blocks = {(j // d, int(c[j]) // d) for j in range(heads * d)}
+        assert len(blocks) == heads  # whole heads map to whole heads
+    assert {j // d: int(cols[0][j]) // d for j in range(heads * d)} == \
+        {j // d: int(cols[1][j]) // d for j in range(heads * d)}  # the same head order in both spaces
+    got = sum(s[np.arange(heads * d), c].sum() for s, c in zip(scores, cols, strict=True))
+    assert got == pytest.approx(_brute_force(scores, heads))
+
+
+@pytest.mark.parametrize("match", ["perm-acts", "perm-weights", "ot-acts", "ot-weights"])
+def test_permutation_matchers_align_another_model_without_changing_its_function(match):
+    """Two independently initialised models: the target's neighbour moved into the target's neuron order (weights
+    0, 1, no repair) computes exactly what it computed before, which needs heads matched as whole units."""
+    x = inputs("vit-hand", 48, 1)
+    a, b = make("vit-hand", 0), make("vit-hand", 1)
+    prep = prepare_fusion([a, b], x, FusionConfig(match=match, samples=48, repair="none", target=0))
+    moved = prep.combine([0.0, 1.0], repair=False)
+    with torch.no_grad():
+        torch.testing.assert_close(moved(x), b(x), rtol=1e-4, atol=1e-5)
+    for att in prep.graph.attention:
+        for s in (att.qk, att.v):
+            m = prep.match.maps[1][s].out
+            d = m.shape[0] // att.heads
+            heads = (m.reshape(att.heads, d, att.heads, d).sum((1, 3)) > 0).sum(1)
+            assert bool((heads == 1).all())  # each head of b goes to exactly one head of the target
+
+
+def test_a_planted_head_permutation_is_recovered():
+    x = inputs("vit-hand", 48, 1)
+    model = make("vit-hand")
+    g = describe(model, example=x[:2])
+    twin, perms = permuted_copy(model, g, seed=4)
+    prep = prepare_fusion([twin, model], x, FusionConfig(match="perm-acts", samples=48, repair="none", target=1))
+    for att in g.attention:
+        for s in (att.qk, att.v):
+            cols = prep.match.maps[0][s].out.argmax(1)  # twin's neuron j -> target neuron cols[j]
+            assert torch.equal(cols, perms[s])  # twin's neuron j is the model's neuron perms[s][j]
+
+
+def test_soft_transport_of_attention_is_refused_with_both_layouts():
+    x = inputs("vit-hand", 32, 1)
+    with pytest.raises(HetfuseError, match=r"4 heads.*exact solver"):
+        prepare_fusion([make("vit-hand", 0), make("vit-hand", 1)], x,
+                       FusionConfig(match="ot-acts", samples=32, solver="sinkhorn"))
+
+
+def test_depth_different_vits_fuse_into_the_deeper_depth():
+    x = inputs("vit-hand", 48, 1)
+    torch.manual_seed(0)
+    res = fuse([_vit(1), _vit(3)], x, samples=32)
+    g = describe(res.model, example=x[:2])
+    assert len(depth_groups(g)[0].units) == 3 and len(g.attention) == 3
+    with torch.no_grad():
+        assert bool(torch.isfinite(res.model(x)).all())
+
+
+def test_fused_transformers_save_and_load(tmp_path):
+    x = inputs("vit-hand", 48, 1)
+    torch.manual_seed(0)
+    res = fuse([_vit(1), _vit(2)], x, samples=32)
+    path = tmp_path / "fused.safetensors"
+    save_model(res.model, path)
+    again = load_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x[:4]), res.model(x[:4]))
+
+
+def test_token_models_need_token_ids():
+    model = make("bert-zoo")
+    with pytest.raises(DataError, match="token ids"):
+        fuse([model, model], torch.randn(20, 6), samples=16)
+
+
+def test_layernorm_on_a_fully_connected_layer_moves_with_its_neurons():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.ln, self.b = nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3)
+            nn.init.normal_(self.ln.weight)
+            nn.init.normal_(self.ln.bias)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.ln(self.a(x))))
+
+    model = Net().eval()
+    g = describe(model)
+    assert {m.name for m in g.spaces[0].members} >= {"ln.weight", "ln.bias"}
+    check_permutation_invariance(model, g, torch.randn(10, 5))
+
+
+def test_what_the_description_cannot_follow_is_named():
+    fused_qkv = _vit(1, qkv=1)
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.0\.attn .*reshape"):
+        describe(fused_qkv, example=torch.randn(2, 3, 32, 32))
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            n, t, _ = x.shape
+            q, k, v = (f(x).view(n, t, 2, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+            mask = torch.ones(t, t, dtype=torch.bool)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.o(out.transpose(1, 2).reshape(n, t, 8)).mean(dim=1)
+
+    with pytest.raises(UnsupportedModelError, match="mask"):
+        describe(Masked(), example=torch.randn(2, 3, 8))
+
+
+def test_the_report_says_when_a_matcher_mixes_heads():
+    x = inputs("vit-hand", 48, 1)
+    a, b = make("vit-hand", 0), make("vit-hand", 1)
+    zipped = prepare_fusion([a, b], x, FusionConfig(match="zip", samples=48, repair="none"))
+    assert any("do not move whole heads" in n for n in zipped.report["notes"])
+    permuted = prepare_fusion([a, b], x, FusionConfig(match="perm-acts", samples=48, repair="none"))
+    assert not any("heads" in n for n in permuted.report["notes"])
