@@ -6,7 +6,8 @@ Two zoo ViTs (``vit:depth=4`` and ``vit:depth=6``, dim 192, 3 heads, patch 4, ML
 does not depend on training) are fused on 512 CIFAR-10 training images (random images where the data set is
 missing, said in the output) with LMA + perm-acts and with LMA + zip (BN-free REPAIR, the default repair). Each
 case runs in a fresh child process, so its peak resident memory (``ru_maxrss``) is its own; the wall time is that
-of ``hetfuse.fuse`` in the child, after the models are built and the data are loaded. Targets: under 10 s and 2 GB
+of ``hetfuse.fuse`` in the child, after the models are built and the 512 images (written by the parent process,
+so the data set itself is not in the child's memory) are loaded. Targets: under 10 s and 2 GB
 each. Writes ``results.json``, ``summary.md`` and ``command.txt``.
 """
 
@@ -26,20 +27,31 @@ CASES = {"lma-perm-acts": {"depth_align": "lma", "match": "perm-acts"},
 ARCH = "vit:depth={depth},dim=192,heads=3,patch=4,mlp=768"
 
 
-def child(case: str, data_root: str | None, threads: int) -> None:
+def samples(data_root: str | None, path: Path) -> str:
+    """Write 512 images to ``path`` (the child reads only them, so the data set is not in its memory)."""
     import torch
+    from safetensors.torch import save_file
+
+    source = "CIFAR-10 training images"
+    try:
+        from hetfuse.data import load_dataset
+
+        x = load_dataset("cifar10", data_root).x_train[:512].contiguous()
+    except Exception as e:  # no data set here: random images cost the same
+        x, source = torch.randn(512, 3, 32, 32), f"random images ({type(e).__name__})"
+    save_file({"x": x}, str(path))
+    return source
+
+
+def child(case: str, data: str, threads: int) -> None:
+    import torch
+    from safetensors.torch import load_file
 
     from hetfuse import fuse
     from hetfuse.models import build_model
 
     torch.set_num_threads(threads)
-    source = "CIFAR-10 training images"
-    try:
-        from hetfuse.data import load_dataset
-
-        x = load_dataset("cifar10", data_root).x_train[:512]
-    except Exception as e:  # no data set here: random images cost the same
-        x, source = torch.randn(512, 3, 32, 32), f"random images ({type(e).__name__})"
+    x = load_file(data)["x"]
     torch.manual_seed(0)
     a, b = (build_model(ARCH.format(depth=d), input_dim=3, output_dim=10, input_shape=(3, 32, 32)).eval()
             for d in (4, 6))
@@ -48,8 +60,7 @@ def child(case: str, data_root: str | None, threads: int) -> None:
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"case": case, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_mb),
-                      "threads": threads, "data": source, "fused_depth": len(res.report["mappings"][0]["alignment"])
-                      if res.report["mappings"] else None, "timings": {k: round(v, 2) for k, v in
+                      "threads": threads, "alignment": [m["alignment"] for m in res.report["mappings"]], "timings": {k: round(v, 2) for k, v in
                                                                        res.report["timings"].items()}}))
 
 
@@ -59,18 +70,22 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.data_root, a.threads)
+        child(a.child, a.data, a.threads)
         return
+    import tempfile
+
     rows = []
-    for case in CASES:
-        cmd = [sys.executable, __file__, "--child", case, "--threads", str(a.threads)]
-        if a.data_root:
-            cmd += ["--data-root", a.data_root]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "x.safetensors"
+        source = samples(a.data_root, data)
+        for case in CASES:
+            cmd = [sys.executable, __file__, "--child", case, "--threads", str(a.threads), "--data", str(data)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(dict(json.loads(out.strip().splitlines()[-1]), data=source))
+            print(rows[-1], flush=True)
     if a.out:
         from hetfuse.experiments.common import write_command
 

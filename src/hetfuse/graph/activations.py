@@ -20,6 +20,9 @@ from .spec import NetworkGraph
 from .trace import trace
 
 
+STATS_BATCH_BYTES = 256 << 20  # the recorded values of one batch of all models, at most (where shapes are known)
+
+
 def rows(t: torch.Tensor) -> torch.Tensor:
     """A node's value as observations x neurons: (batch, C, H, W) -> (batch * H * W, C)."""
     if t.dim() > 2:
@@ -163,6 +166,7 @@ def node_moments(model: nn.Module, graph: NetworkGraph, node_names: Sequence[str
 
     names = list(dict.fromkeys(node_names))
     if names:
+        batch_size = _batch_for([graph], [[names]], batch_size, STATS_BATCH_BYTES)
         run_batches(model, names, x, take, batch_size=batch_size)
     out = {}
     for name, (n, s1, s2) in acc.items():
@@ -227,6 +231,23 @@ def read_nodes(graph: NetworkGraph, post: bool = False) -> list[list[str]]:
     return [[activation_chain(nodes[name], modules)[0].name for name in s.act_nodes] for s in graph.spaces]
 
 
+def _batch_for(graphs: Sequence[NetworkGraph], reads: list[list[list[str]]], batch_size: int, budget: int) -> int:
+    """A batch size whose recorded values (float32, every model) fit ``budget`` bytes, from the shapes recorded
+    when the networks were described on two samples (transformers read thousands of rows per sample); at most
+    ``batch_size``; ``batch_size`` where shapes are unknown."""
+    per_sample = 0
+    for g, per_space in zip(graphs, reads, strict=False):
+        if g.gm is None:
+            return batch_size
+        meta = {n.name: n.meta.get("tensor_meta") for n in g.gm.graph.nodes}
+        for name in {n for names in per_space for n in names}:
+            m = meta.get(name)
+            if m is None or not hasattr(m, "shape") or not m.shape:
+                return batch_size
+            per_sample += 4 * int(torch.tensor(m.shape).prod()) // max(1, int(m.shape[0]))
+    return max(1, min(batch_size, budget // max(1, per_sample)))
+
+
 def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph], x: torch.Tensor, *,
                      pairs: Sequence[tuple[int, int]] = (), batch_size: int = 250, post: bool = False) -> SpaceStats:
     """Moments of every space of every model on the same inputs (models of corresponding structure: space s
@@ -247,22 +268,24 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
     for m, r in zip(models, recorders, strict=False):
         m.eval()
         r.module.eval()
+    batch_size = _batch_for(graphs, reads, batch_size, STATS_BATCH_BYTES)
     try:
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
-                feats = []
-                for m, per_space, r in zip(models, reads, recorders, strict=False):
-                    vals = r(x[start:start + batch_size].to(_device(m)))
-                    feats.append([torch.cat([rows(vals[n]).to(torch.float64) for n in names])
-                                  for names in per_space])
-                for s in range(n_spaces):
-                    count[s] += feats[0][s].shape[0]
+                vals = [r(x[start:start + batch_size].to(_device(m)))
+                        for m, r in zip(models, recorders, strict=False)]
+                for s in range(n_spaces):  # one space at a time: its float64 rows only while it is summed
+                    feats = [torch.cat([rows(v[n]).to(torch.float64) for n in per_space[s]])
+                             for v, per_space in zip(vals, reads, strict=False)]
+                    count[s] += feats[0].shape[0]
                     for i in range(k):
-                        f = feats[i][s]
+                        f = feats[i]
                         sums[i][s] = sums[i][s] + f.sum(0)
                         squares[i][s] = squares[i][s] + (f * f).sum(0)
                     for (i, j) in pairs:
-                        grams[(i, j)][s] = grams[(i, j)][s] + feats[i][s].T @ feats[j][s].to(feats[i][s].device)
+                        grams[(i, j)][s] = grams[(i, j)][s] + feats[i].T @ feats[j].to(feats[i].device)
+                    del feats
+                del vals
     finally:
         for m, w in zip(models, was, strict=False):
             m.train(w)
