@@ -279,6 +279,29 @@ class HandViT(nn.Module):
         return self.fc(self.ln(x)[:, 0])
 
 
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoder`` as users build it: a Linear input projection of N x T x F sequences, the encoder
+    (pre-LN or post-LN, batch first or not), mean pooling, a Linear head."""
+
+    def __init__(self, norm_first=True, batch_first=True, depth=2, dim=16, heads=4, hidden=24):
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(5, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, hidden, dropout=0.1, activation="gelu",
+                                           batch_first=batch_first, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.encoder(h)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(dim=1))
+
+
 def bn1d_mlp(widths=(10, 8), d_in=12, d_out=4):
     layers, c = [], d_in
     for w in widths:
@@ -302,6 +325,10 @@ def randomize_norms(model, seed=0):
 
 def _flat_inputs(n, seed, d=12):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _sequences(n, seed):
+    return torch.randn(n, 7, 5, generator=torch.Generator().manual_seed(seed))
 
 
 def _tokens(n, seed):
@@ -328,9 +355,15 @@ KINDS = {
     "vit-hand": (lambda s: HandViT(), _images),
     "vit-zoo": (lambda s: build_model("vit:depth=2,dim=16,heads=2,patch=8,mlp=24,pool=mean", input_dim=3,
                                       output_dim=10, input_shape=(3, 32, 32)), _images),
+    "torch-encoder-preln": (lambda s: TorchEncoder(norm_first=True), _sequences),
+    "torch-encoder-postln": (lambda s: TorchEncoder(norm_first=False, batch_first=False), _sequences),
     "bert-zoo": (lambda s: build_model("bert:depth=2,dim=16,heads=4,vocab=40,seq=6,mlp=24", input_dim=6,
                                        output_dim=5, input_shape=(6,)), _tokens),
 }
+
+
+# kinds whose residual layers normalise after the addition (x -> LayerNorm(x + f(x))): a zero layer is not the identity
+POST_NORM = {"torch-encoder-postln"}
 
 
 def make(kind, seed=0, data=None):

@@ -16,7 +16,7 @@ from hetfuse.balance import rebalance
 from hetfuse.errors import HetfuseError
 from hetfuse.graph import depth_groups, describe, permuted_copy
 from hetfuse.registry import methods
-from models_zoo_for_tests import KINDS, inputs, make
+from models_zoo_for_tests import KINDS, POST_NORM, inputs, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,7 +96,10 @@ def test_balancer_add_leaves_the_function_unchanged(kind):
     deeper = rebalance(model, alignments, counts, method="add", x=data)
     assert [len(g.units) for g in depth_groups(describe(deeper, example=x))] == counts
     with torch.no_grad():
-        _close(deeper(x), model(x), 1e-5)
+        if kind in POST_NORM:  # a zero post-norm layer is LayerNorm(x), not x: the change is real (and reported)
+            assert (deeper(x) - model(x)).abs().max() > 1e-3
+        else:
+            _close(deeper(x), model(x), 1e-5)
 
 
 def _constant_sign(model, seed):

@@ -232,3 +232,57 @@ def test_the_report_says_when_a_matcher_mixes_heads():
     assert any("do not move whole heads" in n for n in zipped.report["notes"])
     permuted = prepare_fusion([a, b], x, FusionConfig(match="perm-acts", samples=48, repair="none"))
     assert not any("heads" in n for n in permuted.report["notes"])
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_encoders_are_traced_through_and_keep_their_function(norm_first, batch_first):
+    """nn.TransformerEncoder (packed in_proj_weight read as three segments): the permutation self-check, and
+    another model aligned onto the target computes what it computed."""
+    from models_zoo_for_tests import TorchEncoder, randomize_norms
+
+    x = inputs("torch-encoder-preln", 40, 1)
+    torch.manual_seed(0)
+    a, b = (randomize_norms(TorchEncoder(norm_first, batch_first), s).eval() for s in (0, 1))
+    g = describe(a, example=x[:2])
+    assert len(g.attention) == 2 and {m.offset for m in g.spaces[g.attention[0].qk].members} == {0, 16}
+    check_permutation_invariance(a, g, x)
+    prep = prepare_fusion([a, b], x, FusionConfig(match="perm-acts", samples=40, repair="none", target=0))
+    with torch.no_grad():
+        torch.testing.assert_close(prep.combine([0.0, 1.0], repair=False)(x), b(x), rtol=1e-4, atol=1e-5)
+    assert type(prep.combine()) is type(a)
+
+
+def test_a_post_norm_depth_difference_is_balanced_with_a_warning_that_measures_the_change(tmp_path):
+    from models_zoo_for_tests import TorchEncoder
+
+    x = inputs("torch-encoder-preln", 40, 1)
+    torch.manual_seed(0)
+    pre = [TorchEncoder(True, depth=d).eval() for d in (2, 3)]
+    res = fuse(pre, x, weights=[1.0, 0.0], samples=40, repair="none")
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), pre[0](x), rtol=1e-5, atol=1e-6)  # pre-LN: exact
+    post = [TorchEncoder(False, depth=d).eval() for d in (2, 3)]
+    with pytest.warns(UserWarning, match=r"change its outputs by [0-9.e-]+.*post-norm"):
+        res = fuse(post, x, weights=[1.0, 0.0], samples=40, repair="none")
+    assert any("post-norm" in n for n in res.report["notes"])
+    save_model(res.model, tmp_path / "post.safetensors")
+    again = load_model(tmp_path / "post.safetensors", base=TorchEncoder(False, depth=2))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), res.model(x))
+
+
+def test_the_command_line_checks_transformers_and_says_which_inputs_do_not_fit(tmp_path, capsys):
+    from hetfuse.cli import main
+
+    vit = tmp_path / "vit.safetensors"
+    save_model(build_model("vit:depth=1,dim=16,heads=4,patch=4", input_dim=1, output_dim=10,
+                           input_shape=(1, 8, 8)), vit)
+    assert main(["check", str(vit), "--image-size", "8"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["check", str(vit)]) != 0  # 32 x 32 images do not fit its 4 position embeddings
+    assert "does not run on random 1x32x32 inputs (--image-size)" in capsys.readouterr().err
+    bert = tmp_path / "bert.safetensors"
+    save_model(make("bert-zoo"), bert)
+    assert main(["check", str(bert)]) == 0
+    assert "OK" in capsys.readouterr().out

@@ -191,7 +191,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "momentum 0.5, batch 64, no weight decay, smoothing or augmentation, as the "
                                    "paper. Every explicit flag overrides its default.")
     p.add_argument("--arch", required=True,
-                   help="architecture, e.g. mlp:400,200,100, vgg11:w=0.25,bn, resnet18:w=0.25, resnet20:w=4")
+                   help="architecture, e.g. mlp:400,200,100, vgg11:w=0.25,bn, resnet18:w=0.25, resnet20:w=4, "
+                        "vit:depth=4,dim=64,heads=4,patch=4")
     p.add_argument("--bias", action="store_true", help="give the Linear layers biases (default: none, as the paper)")
     p.add_argument("--split", default="all", choices=["all", "skill-a", "skill-b"],
                    help="skill-a: every image of label 4 plus 10%% of the others; skill-b: the rest")
@@ -338,6 +339,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--image-size", type=int, default=32, help="height and width of the random test images fed to "
                                                               "convolutional models (default 32)")
+    p.add_argument("--seq-len", type=int, default=16, help="tokens per random test sequence of a model that reads "
+                                                           "token ids and has no position embedding to tell "
+                                                           "(default 16)")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
@@ -735,10 +739,27 @@ def cmd_check(a) -> int:
     from .graph import check_permutation_invariance, describe
 
     models, _ = load_models([a.model], a.allow_pickle)
-    model = models[0]
+    model = models[0].eval()
     g = describe(model)
-    shape = (g.input_dim, a.image_size, a.image_size) if g.image_input else (g.input_dim,)
-    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(a.seed))
+    gen = torch.Generator().manual_seed(a.seed)
+    if g.token_input:  # token ids; as many tokens as a position embedding has rows, if it has one
+        seq = next((t.shape[-2] for k, t in model.state_dict().items() if t.dim() == 3 and t.shape[0] == 1
+                    and "pos" in k), a.seq_len)
+        x = torch.randint(0, g.input_dim, (16, seq), generator=gen)
+        what = f"random token ids (16 x {seq}; --seq-len)"
+    else:
+        shape = (g.input_dim, a.image_size, a.image_size) if g.image_input else (g.input_dim,)
+        x = torch.randn(16, *shape, generator=gen)
+        what = f"random {'x'.join(map(str, shape))} inputs" + (" (--image-size)" if g.image_input else "")
+    import contextlib
+    import io
+
+    try:  # (a traced model prints its own account of the failure to stderr: kept out of the one-line error)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            model(x)
+    except RuntimeError as e:
+        raise HetfuseError(f"{a.model} does not run on {what}: {str(e).splitlines()[0]}") from None
+    g = describe(model, example=x[:2])
     diff = check_permutation_invariance(model, g, x, seed=a.seed)
     print(f"{a.model}: {g.depth} hidden neuron spaces {g.widths}; permuting all of them changed the outputs by "
           f"{diff:.3g}: OK")

@@ -21,7 +21,7 @@ from .errors import HetfuseError
 from .graph.correspond import ParamSlot, slot_axes
 from .graph.ops import layer_op
 from .graph.rewrite import apply_edit, module_spec
-from .graph.spec import NetworkGraph, transform_axis
+from .graph.spec import NetworkGraph, ParamAxis, transform_axis
 from .match.base import MatchResult
 
 
@@ -31,8 +31,7 @@ class AlignedNetworks:
 
     slots: list[ParamSlot]
     tensors: list[list[torch.Tensor]]      # [network][slot], float64, fused shapes
-    out_space: list[int | None]            # per slot: the space its producing axis is tied to
-    out_axis: list[int | None]
+    producing: list[list[tuple[int, ParamAxis]]]  # per slot: (space, axis) of its producing axes in the target
     masses: list[list[torch.Tensor]]       # [network][space]: column mass of its out map (r,)
     integer: dict[int, torch.Tensor]       # slot -> the target's tensor, for integer buffers
 
@@ -57,14 +56,11 @@ def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph]
         outs.append(row_o)
         masses.append(row_m)
     tensors: list[list[torch.Tensor]] = [[] for _ in range(k)]
-    out_space: list[int | None] = []
-    out_axis: list[int | None] = []
+    producing: list[list[tuple[int, ParamAxis]]] = []
     integer: dict[int, torch.Tensor] = {}
     for si, slot in enumerate(slots):
         axes_t = slot_axes(graphs[target], slot, target)
-        producing = [(s, ax) for s, ax in axes_t if ax.role == "out"]
-        out_space.append(producing[0][0] if producing else None)
-        out_axis.append(producing[0][1].axis if producing else None)
+        producing.append([(s, ax) for s, ax in axes_t if ax.role == "out"])
         for i in range(k):
             key = slot.keys[i]
             t = _missing_tensor(graphs[i], slot, states[i]) if key is None else states[i][key]
@@ -79,7 +75,7 @@ def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph]
                 mat = outs[i][s] if ax.role == "out" else sm.inn.to(torch.float64)
                 t = transform_axis(t, ax, mat.to(t.device))
             tensors[i].append(t)
-    return AlignedNetworks(slots, tensors, out_space, out_axis, masses, integer)
+    return AlignedNetworks(slots, tensors, producing, masses, integer)
 
 
 def _missing_tensor(graph: NetworkGraph, slot: ParamSlot, state: dict) -> torch.Tensor:
@@ -115,20 +111,34 @@ def combine(aligned: AlignedNetworks, weights: list[float]) -> list[torch.Tensor
         if si in aligned.integer:
             fused.append(aligned.integer[si])
             continue
-        s, axis = aligned.out_space[si], aligned.out_axis[si]
+        producing = aligned.producing[si]
         total = None
         for i, w in enumerate(weights):
             t = aligned.tensors[i][si]
-            if s is None:
+            if not producing:
                 term = w * t
             else:
-                b = beta[i][s].to(t.device)
+                axis = producing[0][1].axis
+                b = _shares_along(t.shape[axis], producing, beta[i], w).to(t.device)
                 shape = [1] * t.dim()
                 shape[axis] = -1
                 term = b.reshape(shape) * t
             total = term if total is None else total + term
         fused.append(total)
     return fused
+
+
+def _shares_along(length: int, producing: list[tuple[int, ParamAxis]], beta: list[torch.Tensor],
+                  w: float) -> torch.Tensor:
+    """One network's share of every entry along a tensor's producing axis: its share of the fused neuron each
+    entry belongs to (the axis may hold several spaces' segments, a packed q/k/v weight); ``w`` elsewhere."""
+    whole = [s for s, ax in producing if ax.offset is None]
+    if whole:
+        return beta[whole[0]]
+    out = torch.full((length,), float(w), dtype=torch.float64, device=beta[producing[0][0]].device)
+    for s, ax in producing:
+        out[ax.offset:ax.offset + beta[s].numel()] = beta[s]
+    return out
 
 
 def fused_skeleton(model: nn.Module, graph: NetworkGraph, slots: list[ParamSlot], widths: list[int],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from torch import nn
 from .align.base import DepthAlignment, ModelAlignment, GroupAlignment, align_depths
 from .combine import AlignedNetworks, apply_maps, combine, fused_skeleton, load_fused, shares
 from .config import FusionConfig, normalize_weights
-from .errors import DataError, HetfuseError
+from .errors import DataError, HetfuseError, UnsupportedModelError
 from .graph.activations import node_moments
 from .graph.correspond import ParamSlot, param_slots
 from .graph.groups import check_group_pairing, depth_groups
@@ -177,6 +178,11 @@ def _fit_inputs(x: torch.Tensor, graph: NetworkGraph) -> torch.Tensor:
     """The samples in the layout the networks read: images for a network that starts with a convolution, token ids
     for one that starts with an embedding, flat feature vectors (flattened if need be) for one that starts with a
     Linear layer."""
+    if graph.input_layout == "tokens":  # N x tokens x features
+        if x.dim() != 3 or x.shape[-1] != graph.input_dim:
+            raise DataError(f"data samples have shape {tuple(x.shape[1:])}; the models expect sequences of "
+                            f"{graph.input_dim} features (N x tokens x {graph.input_dim})")
+        return x
     if graph.token_input:
         if x.dim() != 2 or x.is_floating_point():
             raise DataError(f"data samples have shape {tuple(x.shape[1:])} ({x.dtype}); the models expect token ids "
@@ -214,7 +220,14 @@ def prepare_inputs(models: Sequence[nn.Module], data, config: FusionConfig
         if not isinstance(m, nn.Module):
             raise HetfuseError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")
         _check_finite(i, m)
-    graphs = [describe(m) for m in models]
+    try:
+        graphs = [describe(m) for m in models]
+    except UnsupportedModelError as first:  # some layouts are known only from the inputs' shape (N x T x F)
+        example = gather_samples(data, 2, seed=config.seed)
+        try:
+            graphs = [describe(m, example=example.to(next(iter(m.parameters())).device)) for m in models]
+        except Exception:
+            raise first from None
     if len({g.input_dim for g in graphs}) > 1:
         raise HetfuseError(f"models take different input sizes: {[g.input_dim for g in graphs]}")
     if len({g.output_dim for g in graphs}) > 1:
@@ -261,9 +274,31 @@ def balance_depths(models: list[nn.Module], graphs: list[NetworkGraph], x: torch
     for ma in _progress(depth.models, "balance", config.progress):
         if ma.changed:
             i = ma.model
+            before = models[i]
             models[i] = balancer.balance(models[i], graphs[i], groups[i], ma, x, x_repair).to(x.device).eval()
             graphs[i] = describe(models[i], example=x[:2])
+            if balancer.direction == "add":  # meant to keep the function: say by how much it did not
+                change = _relative_change(before, models[i], x[:256])
+                if change > 1e-4:
+                    note = (f"model {i}: the units added to balance its depth change its outputs by {change:.3g} "
+                            "(largest difference relative to the largest output, on the alignment samples)"
+                            + ("; post-norm layers (LayerNorm after the residual addition, as in BERT) make a "
+                               "zero layer LayerNorm(x), not x" if _post_norm(graphs[i]) else ""))
+                    warnings.warn(note, stacklevel=3)
+                    depth.notes.append(note)
     return models, graphs, depth
+
+
+@torch.no_grad()
+def _relative_change(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    ya, yb = a(x), b(x)
+    return float((ya - yb).abs().max() / ya.abs().max().clamp_min(1e-12))
+
+
+def _post_norm(graph: NetworkGraph) -> bool:
+    from .graph.groups import residual_blocks
+
+    return any(b.post_norm for b in residual_blocks(graph))
 
 
 def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | None = None) -> PreparedFusion:

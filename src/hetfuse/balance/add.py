@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import HetfuseError
 from ..graph.groups import Unit, residual_blocks
 from ..graph.ops import layer_op
-from ..graph.rewrite import apply_edit, editable_copy, fresh_prefix, module_spec, node_spec
+from ..graph.rewrite import ParamHolder, apply_edit, editable_copy, fresh_prefix, module_spec, node_spec
 from ..graph.spec import INPUT
 from ..registry import register
 from .base import Balancer
@@ -169,10 +169,27 @@ class AddUnits(Balancer):
         template, resize = _identity_block(graph, groups, u, blocks)
         modules = dict(graph.gm.named_modules())
         prefix = fresh_prefix(model)
-        names = {n: f"n{k}" for k, n in enumerate(template.region)}
+        region = _with_constants(template.region)
+        names = {n: f"n{k}" for k, n in enumerate(region)}
         module_names, new = {}, {}
         by_name = {mi.name: mi for mi in graph.modules}
-        for n in template.region:
+        held: dict[str, dict[str, torch.Tensor]] = {}  # owner -> tensor attributes the block reads directly
+        for n in region:
+            if n.op == "get_attr":
+                owner, _, local = str(n.target).rpartition(".")
+                held.setdefault(owner, {})[local] = graph.gm.get_parameter(str(n.target)).detach()
+        for owner, tensors in held.items():
+            if resize is not None:
+                raise HetfuseError(f"cannot add a zero layer to {u.name}: its template reads tensor attributes of "
+                                   f"'{owner}' directly and comes from a stream of another width")
+            local = f"{prefix}.{owner.replace('.', '_')}"
+            module_names[owner] = local
+            holder = ParamHolder(list(tensors), [list(t.shape) for t in tensors.values()])
+            with torch.no_grad():
+                for k, t in tensors.items():
+                    getattr(holder, k).copy_(t)
+            new[local] = holder.to(device=next(iter(tensors.values())).device)
+        for n in region:
             if n.op == "call_module" and str(n.target) not in module_names:
                 src = str(n.target)
                 local = f"{prefix}.{src.replace('.', '_')}"
@@ -182,10 +199,31 @@ class AddUnits(Balancer):
                     m = _resized(m, by_name[src], resize)
                 new[local] = m
         zero_branch(new)
-        specs = [node_spec(n, names, template.block_in, module_names) for n in template.region]
+        specs = [node_spec(n, names, template.block_in, module_names) for n in region]
         edit = {"op": "insert", "after": u.out_node, "nodes": specs,
                 "modules": {k: module_spec(v) for k, v in new.items()}}
         return apply_edit(model, edit, new)
+
+
+def _with_constants(region: list) -> list:
+    """A block's nodes with the constant nodes they read (tensor attributes and slices of them, computed from no
+    input), in graph order."""
+    inside = set(region)
+    extra: set = set()
+    stack = [p for n in region for p in n.all_input_nodes if p not in inside]
+    while stack:
+        n = stack.pop()
+        if n in extra:
+            continue
+        if n.op == "get_attr" or (n.all_input_nodes and all(_constant(p) for p in n.all_input_nodes)):
+            extra.add(n)
+            stack.extend(n.all_input_nodes)
+    order = {n: k for k, n in enumerate(region[0].graph.nodes)}
+    return sorted(inside | extra, key=lambda n: order[n])
+
+
+def _constant(n) -> bool:
+    return n.op == "get_attr" or (bool(n.all_input_nodes) and all(_constant(p) for p in n.all_input_nodes))
 
 
 def _identity_block(graph, groups, u: Unit, blocks):

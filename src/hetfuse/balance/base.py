@@ -37,7 +37,7 @@ def rebalance(model: nn.Module, alignments: Sequence[Sequence[int]], deep_counts
     """Balance one network by hand: group g gets ``deep_counts[g]`` units (add), or keeps
     ``len(alignments[g])`` of its ``deep_counts[g]`` units (merge), the matched units at ``alignments[g]``.
     ``x``: samples (needed for identity BatchNorms and for merge's ReLU gate estimate)."""
-    graph = describe(model)
+    graph = describe(model, example=x[:2] if x is not None else None)
     groups = depth_groups(graph)
     if len(alignments) != len(groups) or len(deep_counts) != len(groups):
         raise HetfuseError(f"the network has {len(groups)} groups ({', '.join(g.name for g in groups)}); give one "

@@ -86,10 +86,11 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def run_batches(model: nn.Module, node_names: Sequence[str], x: torch.Tensor,
-                fn: Callable[[int, dict[str, torch.Tensor]], None], *, batch_size: int = 500) -> None:
+                fn: Callable[[int, dict[str, torch.Tensor]], None], *, batch_size: int = 500,
+                feature_last: Sequence[str] | None = None) -> None:
     """Call ``fn(start, {node: value})`` for every batch of ``x`` (eval mode, no gradients; the model's
     training flag is restored afterwards)."""
-    rec = Recorder(model, node_names)
+    rec = Recorder(model, node_names, feature_last)
     was = model.training
     model.eval()
     rec.module.eval()
@@ -120,7 +121,7 @@ def layer_activations(model: nn.Module, graph: NetworkGraph, x: torch.Tensor, *,
             store[i].append(torch.cat([rows(vals[n]).to(torch.float64) for n in graph.spaces[i].act_nodes]))
 
     if nodes:
-        run_batches(model, nodes, x, take, batch_size=batch_size)
+        run_batches(model, nodes, x, take, batch_size=batch_size, feature_last=graph.feature_last)
     dev = _device(model)
     return [torch.cat(parts) if parts else torch.empty(0, graph.spaces[i].size, dtype=torch.float64, device=dev)
             for i, parts in enumerate(store)]
@@ -146,7 +147,7 @@ def node_features(model: nn.Module, graph: NetworkGraph, node_names: Sequence[st
 
     names = list(dict.fromkeys(node_names))
     if names:
-        run_batches(model, names, x, take, batch_size=batch_size)
+        run_batches(model, names, x, take, batch_size=batch_size, feature_last=graph.feature_last)
     return {n: torch.cat(p) for n, p in store.items()}
 
 
@@ -167,7 +168,7 @@ def node_moments(model: nn.Module, graph: NetworkGraph, node_names: Sequence[str
     names = list(dict.fromkeys(node_names))
     if names:
         batch_size = _batch_for([graph], [[names]], batch_size, STATS_BATCH_BYTES)
-        run_batches(model, names, x, take, batch_size=batch_size)
+        run_batches(model, names, x, take, batch_size=batch_size, feature_last=graph.feature_last)
     out = {}
     for name, (n, s1, s2) in acc.items():
         mean = s1 / n
@@ -263,7 +264,7 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
     recorders, reads = [], []
     for m, g in zip(models, graphs, strict=False):
         reads.append(read_nodes(g, post))
-        recorders.append(Recorder(m, list(dict.fromkeys(n for per in reads[-1] for n in per))))
+        recorders.append(Recorder(m, list(dict.fromkeys(n for per in reads[-1] for n in per)), g.feature_last))
     was = [m.training for m in models]
     for m, r in zip(models, recorders, strict=False):
         m.eval()

@@ -25,7 +25,7 @@ from typing import Literal
 import torch.fx as fx
 
 from ..errors import HetfuseError
-from .ops import channelwise, is_add, is_elementwise, is_nonnegative, starts_layer
+from .ops import channelwise, is_add, is_elementwise, is_layer_norm, is_nonnegative, starts_layer
 from .spec import INPUT, NetworkGraph
 
 
@@ -75,8 +75,11 @@ def activation_chain(node: fx.Node, modules: dict) -> tuple[fx.Node, bool]:
 
 def _dominators(nodes: list[fx.Node]) -> dict[fx.Node, set[fx.Node]]:
     dom: dict[fx.Node, set[fx.Node]] = {}
+    const: set[fx.Node] = set()  # tensor attributes and what is computed from them alone: no path from the input
     for n in nodes:  # topological order: every input is seen before its users
-        preds = [p for p in n.all_input_nodes if p in dom]
+        if n.op == "get_attr" or (n.all_input_nodes and all(p in const for p in n.all_input_nodes)):
+            const.add(n)
+        preds = [p for p in n.all_input_nodes if p in dom and p not in const]
         if not preds:
             dom[n] = {n}
         else:
@@ -115,6 +118,7 @@ class Block:
     region: list[fx.Node]  # nodes of the block in graph order (block input excluded, block output included)
     relu: bool
     parts: list[Block] = field(default_factory=list)  # a transformer layer: its residual sub-blocks
+    post_norm: bool = False  # its output is LayerNorm(x + f(x)): a zero branch is not the identity
 
     @property
     def identity_shortcut(self) -> bool:
@@ -132,7 +136,7 @@ def residual_blocks(graph: NetworkGraph) -> list[Block]:
     pos = {n: i for i, n in enumerate(nodes)}
     stream_nodes = {name for s in graph.spaces if s.stream for name in s.act_nodes}
     dom = None
-    blocks = []
+    found = []
     for n in nodes:
         if not (is_add(n) and n.name in stream_nodes):
             continue
@@ -141,9 +145,26 @@ def residual_blocks(graph: NetworkGraph) -> list[Block]:
         strict = dom[n] - {n}
         block_in = max(strict, key=lambda d: pos[d])
         block_out, relu = activation_chain(n, modules)
+        found.append((n, block_in, block_out, relu))
+    # post-norm blocks (x -> LN(x + f(x)), BERT): where a LayerNorm after a block's output is the input of a later
+    # block, every block's output extends through the LayerNorm that alone reads it
+    inputs = {b_in for _, b_in, _, _ in found}
+    post_norm = any(_norm_after(out, modules) in inputs for _, _, out, _ in found)
+    blocks = []
+    for n, block_in, block_out, relu in found:
+        if post_norm and (norm := _norm_after(block_out, modules)) is not None:
+            block_out = norm
         region = sorted((_ancestors(block_out) | {block_out}) & _descendants(block_in), key=lambda m: pos[m])
-        blocks.append(Block(n, block_in, block_out, region, relu))
+        blocks.append(Block(n, block_in, block_out, region, relu, post_norm=post_norm))
     return _layers(blocks, modules)
+
+
+def _norm_after(node: fx.Node, modules: dict) -> fx.Node | None:
+    """The LayerNorm that is the only reader of ``node``, if any."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    return user if is_layer_norm(user, modules) and user.args[0] is node else None
 
 
 def _layers(blocks: list[Block], modules: dict) -> list[Block]:
@@ -162,7 +183,7 @@ def _layers(blocks: list[Block], modules: dict) -> list[Block]:
         elif run:
             first, last = run[0], run[-1]
             out.append(Block(last.add, first.block_in, last.block_out, [n for b in run for n in b.region], last.relu,
-                             list(run)))
+                             list(run), last.post_norm))
         run.clear()
 
     for b, o in zip(blocks, opens, strict=True):

@@ -156,6 +156,9 @@ class LinearOp(LayerOp):
             raise UnsupportedModelError(f"{where(node, t.modules)}: Linear applied to a {_LAYOUTS[v.layout]} tensor "
                                         "(hetfuse follows Linear layers over the features of N x features or N x "
                                         "tokens x features tensors)")
+        if v.space == _INPUT and _rank(node.args[0]) == 3:  # N x tokens x features inputs
+            t.input_layout = "tokens"
+            v = t.value(_INPUT, layout="tokens")
         if v.layout == "tokens":
             t.consume(node, v, f"{node.target}.weight", mod.in_features)
             t.produce(node, mod, self.kind, mod.out_features, self._out_members(node.target, mod), v, spatial=False,
@@ -179,6 +182,12 @@ class LinearOp(LayerOp):
             if new.bias is not None:
                 new.bias.zero_()
         return new.to(device=template.weight.device, dtype=template.weight.dtype)
+
+
+def _rank(node) -> int | None:
+    """The number of dimensions of a node's value on the example inputs (None when not recorded)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return len(meta.shape) if meta is not None else None
 
 
 def _is_depthwise(mod: nn.Conv2d) -> bool:
@@ -441,6 +450,9 @@ class LayoutOp(OpHandler):
         if v.layout in self._SWAP and tuple(sorted(dims)) == (1, 2):
             t.vals[node] = t.value(v.space, layout=self._SWAP[v.layout], heads=v.heads)
             return
+        if v.layout == "tokens" and tuple(sorted(dims)) == (0, 1):  # T x N x C <-> N x T x C: features stay last
+            t.vals[node] = v
+            return
         raise UnsupportedModelError(f"{where(node, t.modules)}: transpose{dims} of a "
                                     f"{_shape_name(v)} tensor is not "
                                     "supported")
@@ -468,8 +480,39 @@ class AttentionOp(OpHandler):
         if t.spaces[t.find(q.space)].size != t.spaces[t.find(k.space)].size:
             raise UnsupportedModelError(f"{where(node, t.modules)}: queries and keys of different sizes")
         qk = t.merge(node, q.space, k.space)
+        t.consumers.setdefault(qk, [])  # read by the attention itself, through no parameter
         t.attention.append((qk, v.space, q.heads))
         t.vals[node] = t.value(v.space, layout="headed", heads=v.heads)
+
+
+class FunctionalLinearOp(OpHandler):
+    """``F.linear(x, W, b)`` with tensor attributes (or row segments of them: the q, k and v parts of a packed
+    ``in_proj_weight``) as weight and bias: like a Linear layer, it consumes its input's space through ``W``'s
+    columns and produces a new space of ``W``'s rows (tied as a segment of the packed tensor)."""
+
+    name = "F.linear of tensor attributes"
+    functions = frozenset({F.linear})
+
+    def trace(self, t, node, mod):
+        x = t.source(node, node.args[0])
+        w = t.source(node, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"), param_ok=True)
+        b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        b = t.source(node, b_arg, param_ok=True) if b_arg is not None else None
+        if w.space != _PARAM or (b is not None and b.space != _PARAM):
+            raise UnsupportedModelError(f"{where(node, t.modules)}: F.linear whose weight is a hidden value")
+        if x.spatial or x.layout not in (None, "tokens") or x.space in (_INPUT, _META, _PARAM):
+            raise UnsupportedModelError(f"{where(node, t.modules)}: F.linear of a {_shape_name(x)} tensor")
+        state = t.gm.state_dict()
+        weight = state[w.param]
+        rows = w.length if w.length is not None else weight.shape[0]
+        t.consume(node, x, w.param, weight.shape[1])
+        members = [ParamAxis(w.param, 0, "out", offset=w.offset)]
+        if b is not None:
+            members.append(ParamAxis(b.param, 0, "out", offset=b.offset))
+        t.produce_space(node, "linear", rows, members, layout="tokens" if x.layout == "tokens" else None)
+        for v in (w, b):
+            if v is not None:
+                t.record_attribute(node, v.param, x.space, t.vals[node].space)
 
 
 class TokenPoolOp(OpHandler):
@@ -684,6 +727,9 @@ class ShapeIndexOp(OpHandler):
     def trace(self, t, node, mod):
         v = t.vals.get(node.args[0])
         index = node.args[1] if len(node.args) > 1 else None
+        if v is not None and v.space == _PARAM:
+            t.vals[node] = _param_segment(t, node, v, index)
+            return
         if v is not None and v.layout == "tokens" and isinstance(index, tuple) and len(index) == 2 and \
                 index[0] == slice(None) and isinstance(index[1], int):
             t.vals[node] = t.value(v.space)  # one token (a class token): N x features
@@ -691,6 +737,16 @@ class ShapeIndexOp(OpHandler):
         if v is None or v.space != _META:
             raise UnsupportedModelError(_getitem_message(node))
         t.vals[node] = t.value(_META)
+
+
+def _param_segment(t, node: fx.Node, v, index):
+    """``W[a:b]`` of a tensor attribute: the rows a..b of its first axis (a packed projection's q, k or v part)."""
+    if not (isinstance(index, slice) and index.step in (None, 1) and v.offset is None):
+        raise UnsupportedModelError(f"{where(node, t.modules)}: indexing the tensor attribute '{v.param}' with "
+                                    f"{index!r}; hetfuse follows a slice of its rows (a packed projection's part)")
+    rows = t.gm.state_dict()[v.param].shape[0]
+    start, stop, _ = index.indices(rows)
+    return t.value(_PARAM, param=v.param, offset=start, length=stop - start)
 
 
 def _getitem_message(node: fx.Node) -> str:
@@ -713,7 +769,7 @@ def _getitem_message(node: fx.Node) -> str:
 # The table, in the order the handlers are tried.
 OPS: list[OpHandler] = [LinearOp(), ConvOp(), DepthwiseConvOp(), NormOp(), LayerNormOp(), EmbeddingOp(),
                         ElementwiseOp(), PoolOp(), FlattenOp(), AddOp(), ShapeOp(), ShapeIndexOp(), ParamOp(), CatOp(),
-                        LayoutOp(), AttentionOp(), TokenPoolOp()]
+                        LayoutOp(), AttentionOp(), TokenPoolOp(), FunctionalLinearOp()]
 _LAYERS: dict[str, LayerOp] = {h.kind: h for h in OPS if isinstance(h, LayerOp)}
 
 
@@ -796,6 +852,10 @@ def is_nonnegative(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         return type(modules.get(node.target)) is nn.ReLU6
     return node.op == "call_function" and node.target is F.relu6
+
+
+def is_layer_norm(node: fx.Node, modules: dict) -> bool:
+    return _of(node, modules, LayerNormOp)
 
 
 def starts_layer(node: fx.Node, modules: dict) -> bool:

@@ -35,6 +35,21 @@ from torch import nn
 from ..errors import CheckpointError, HetfuseError
 from . import ops
 
+class ParamHolder(nn.Module):
+    """Holds copies of tensor attributes that a copied block reads directly in forward (``get_attr``: the packed
+    ``in_proj_weight`` / ``in_proj_bias`` of a multi-head attention), under their own local names."""
+
+    def __init__(self, names: list[str], shapes: list[list[int]]) -> None:
+        super().__init__()
+        if len(names) != len(shapes) or any(not str(n).isidentifier() for n in names):
+            raise CheckpointError(f"bad ParamHolder names {names!r}")
+        self.names, self.shapes = list(names), [list(sh) for sh in shapes]
+        if sum(math.prod(sh) for sh in self.shapes) > 1 << 28:
+            raise CheckpointError(f"ParamHolder of shapes {shapes!r} is too large")
+        for n, sh in zip(self.names, self.shapes, strict=True):
+            self.register_parameter(n, nn.Parameter(torch.zeros(*sh)))
+
+
 class Unmerge(nn.Module):
     """Copies fused features back into one model's neurons: output channel j is input channel ``index[j]`` (the
     unmerge of ZipIt!, as the input of a partially zipped network's head)."""
@@ -49,7 +64,9 @@ class Unmerge(nn.Module):
 
 
 # what edits may record: the op table's module types, functions and methods (graph.ops), and Unmerge
-MODULE_TYPES: dict[str, tuple[type, tuple[str, ...]]] = {"Unmerge": (Unmerge, ("features",)), **ops.spec_types()}
+MODULE_TYPES: dict[str, tuple[type, tuple[str, ...]]] = {"Unmerge": (Unmerge, ("features",)),
+                                                         "ParamHolder": (ParamHolder, ("names", "shapes")),
+                                                         **ops.spec_types()}
 FUNCTIONS: dict[str, Any] = {
     "operator.add": operator.add, "operator.iadd": operator.iadd, "torch.add": torch.add,
     "torch.relu": torch.relu, "torch.nn.functional.relu": F.relu, "torch.nn.functional.dropout": F.dropout,
@@ -59,10 +76,14 @@ _FUNCTION_NAMES = {v: k for k, v in FUNCTIONS.items()}
 MAX_EDITS = 10_000
 
 
+# subclasses that only mark a layer for other tools (quantisation) and are recorded, and rebuilt, as their base
+_EQUIVALENT: dict[type, str] = {nn.modules.linear.NonDynamicallyQuantizableLinear: "Linear"}
+
+
 def module_spec(module: nn.Module) -> dict:
     """The SPEC of a module of a supported type (its constructor arguments)."""
-    name = type(module).__name__
-    if name not in MODULE_TYPES or type(module) is not MODULE_TYPES[name][0]:
+    name = _EQUIVALENT.get(type(module), type(module).__name__)
+    if name not in MODULE_TYPES or not (type(module) is MODULE_TYPES[name][0] or type(module) in _EQUIVALENT):
         raise HetfuseError(f"cannot record a {name} module in an edit; supported: {', '.join(MODULE_TYPES)}")
     _, argnames = MODULE_TYPES[name]
     args = {}
@@ -272,6 +293,12 @@ def _insert(gm: fx.GraphModule, edit: dict, modules: dict[str, nn.Module]) -> No
             if a["node"] not in made:
                 raise CheckpointError(f"inserted node refers to unknown node {a['node']!r}")
             return made[a["node"]]
+        if isinstance(a, dict) and set(a) == {"slice"}:
+            parts = a["slice"]
+            if not (isinstance(parts, list) and len(parts) == 3):
+                raise CheckpointError(f"inserted node has a bad slice {parts!r}")
+            _check_value(parts, "inserted node slice")
+            return slice(*parts)
         if isinstance(a, list):
             return tuple(ref(x) for x in a)
         _check_value(a, "inserted node argument")
@@ -298,6 +325,11 @@ def _insert(gm: fx.GraphModule, edit: dict, modules: dict[str, nn.Module]) -> No
                 if target not in METHODS:
                     raise CheckpointError(f"inserted node calls method {target!r}; allowed: {', '.join(METHODS)}")
                 node = gm.graph.call_method(target, args, kwargs)
+            elif op == "get_attr":
+                owner, _, local = str(target).rpartition(".")
+                if owner not in specs or not hasattr(gm.get_submodule(owner), local):
+                    raise CheckpointError(f"inserted node reads {target!r}, not a tensor of a module the edit creates")
+                node = gm.graph.get_attr(target)
             else:
                 raise CheckpointError(f"inserted node has unsupported op {op!r}")
         made[spec.get("name", node.name)] = node
@@ -397,6 +429,8 @@ def node_spec(node: fx.Node, names: dict[fx.Node, str], input_node: fx.Node, mod
             return {"node": names[a]}
         if isinstance(a, (tuple, list)):
             return [arg(x) for x in a]
+        if isinstance(a, slice):
+            return {"slice": [a.start, a.stop, a.step]}
         return a
 
     spec: dict = {"name": names[node], "op": node.op, "args": [arg(a) for a in node.args]}
@@ -410,6 +444,9 @@ def node_spec(node: fx.Node, names: dict[fx.Node, str], input_node: fx.Node, mod
         spec["target"] = _FUNCTION_NAMES[node.target]
     elif node.op == "call_method":
         spec["target"] = str(node.target)
+    elif node.op == "get_attr":
+        owner, _, local = str(node.target).rpartition(".")
+        spec["target"] = f"{module_names[owner]}.{local}"
     else:
         raise HetfuseError(f"cannot copy node '{node.name}' ({node.op})")
     return spec

@@ -25,13 +25,26 @@ class ParamAxis:
     ``role="out"``: the axis indexes the space's neurons directly (weight rows of the producer,
     bias, BatchNorm entries). ``role="in"``: the axis consumes the space (columns of the next
     weight); with ``block > 1`` each neuron owns ``block`` consecutive entries (a conv channel
-    flattened into a linear layer's input).
+    flattened into a linear layer's input). ``offset``: the axis holds the space's entries at
+    ``[offset, offset + size·block)`` only (packed q/k/v projections); ``None``: the whole axis.
     """
 
     name: str
     axis: int
     role: Role
     block: int = 1
+    offset: int | None = None  # a packed tensor (q, k and v rows in one weight): where the space's entries start
+
+    def segment(self, tensor: torch.Tensor, size: int) -> torch.Tensor:
+        """The entries of ``tensor`` along this axis that belong to a space of ``size`` neurons."""
+        if self.offset is None:
+            return tensor
+        return tensor.narrow(self.axis, self.offset, size * (self.block if self.role == "in" else 1))
+
+    def rows(self, tensor: torch.Tensor, size: int) -> torch.Tensor:
+        """The space's entries of ``tensor`` as ``size`` rows (a neuron's block of entries and every other axis
+        flattened into its row)."""
+        return self.segment(tensor, size).movedim(self.axis, 0).reshape(size, -1)
 
 
 @dataclass
@@ -115,6 +128,7 @@ class NetworkGraph:
     gm: object = field(default=None, repr=False, compare=False)
     attention: list[Attention] = field(default_factory=list)
     feature_last: frozenset[str] = frozenset()  # fx nodes whose neurons are on the last axis (N x tokens x D)
+    input_layout: str | None = None  # "tokens": the first layer reads N x tokens x features inputs
 
     def heads_of(self, space: int) -> Attention | None:
         """The attention whose ``qk`` or ``v`` space is ``space`` (its permutations are restricted), or None."""
@@ -152,6 +166,17 @@ def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) 
     entry. Both cases are the same contraction; only the block layout differs.
     """
     n_src, n_dst = matrix.shape
+    if axis.offset is not None:  # a packed tensor: transform the space's segment, keep the rest
+        blk = axis.block if axis.role == "in" else 1
+        whole = ParamAxis(axis.name, axis.axis, axis.role, axis.block)
+        length = tensor.shape[axis.axis]
+        if axis.offset + n_src * blk > length:
+            raise ValueError(f"{axis.name}: axis {axis.axis} has size {length}, too small for {n_src}x{blk} entries "
+                             f"at {axis.offset}")
+        parts = [tensor.narrow(axis.axis, 0, axis.offset),
+                 transform_axis(tensor.narrow(axis.axis, axis.offset, n_src * blk), whole, matrix),
+                 tensor.narrow(axis.axis, axis.offset + n_src * blk, length - axis.offset - n_src * blk)]
+        return torch.cat(parts, dim=axis.axis)
     t = tensor.movedim(axis.axis, 0)
     rest = t.shape[1:]
     blk = axis.block if axis.role == "in" else 1

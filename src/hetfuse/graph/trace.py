@@ -18,6 +18,7 @@ BatchNorm that follows it) for an ordinary layer, and every point where a residu
 
 from __future__ import annotations
 
+import functools
 import traceback
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -28,6 +29,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from . import ops
+from .decompose import decomposition
 from .spec import INPUT, OUTPUT, Attention, ModuleInfo, NetworkGraph, NeuronSpace, ParamAxis
 
 _INPUT = -1
@@ -47,6 +49,8 @@ class _Val:
     layout: str | None = None
     heads: int | None = None  # split / headed layouts
     param: str | None = None  # _PARAM: the attribute's name
+    offset: int | None = None  # _PARAM: a segment of its first axis, [offset, offset + length) (packed q/k/v)
+    length: int | None = None
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -55,9 +59,27 @@ def trace(model: nn.Module) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except UnsupportedModelError:
+        raise
     except Exception as exc:
         raise UnsupportedModelError(_trace_failure(model, exc)) from exc
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's symbolic tracer, except that the torch modules of :data:`hetfuse.graph.decompose.DECOMPOSITIONS`
+    (multi-head attention, transformer encoder layers) are traced as the operations they compute."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return decomposition(m) is None and super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        decomposed = decomposition(m)
+        if decomposed is not None:
+            forward = functools.partial(decomposed, self, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -118,6 +140,8 @@ class Tracer:
         self.layer_order: list[str] = []
         self.records: list[tuple[str, str, str, int, int]] = []  # name, kind, node, in space, out space
         self.attributes: dict[int, str] = {}  # record index -> local name, for tensor attributes (kind "param")
+        self.attribute_names: set[str] = set()
+        self.input_layout: str | None = None
         self.called: set[str] = set()
         self._ops: dict[str, object] = {}
         self.feature_last: set[str] = set()           # nodes whose neurons are on the last axis (tokens layout)
@@ -160,9 +184,7 @@ class Tracer:
                 f"{ops.where(node, self.modules)}: the tensor attribute '{v.param}' has {tensor.shape[-1]} entries on "
                 f"its last axis, the hidden value it meets {self.spaces[s].size} neurons")
         self.spaces[s].members.append(ParamAxis(v.param, tensor.dim() - 1, "out"))
-        owner, _, local = v.param.rpartition(".")
-        self.attributes[len(self.records)] = local
-        self.record(owner, "param", node, space, space)
+        self.record_attribute(node, v.param, space, space)
 
     @staticmethod
     def hw_of(node: fx.Node) -> int | None:
@@ -182,7 +204,10 @@ class Tracer:
             raise UnsupportedModelError(
                 f"{ops.where(node, self.modules)}: takes {in_features} inputs but its input layer has "
                 f"{self.spaces[s].size} neurons" + (f" x {block} positions" if block > 1 else ""))
-        self.spaces[s].members.append(ParamAxis(weight, 1, "in", block))
+        axis = ParamAxis(weight, 1, "in", block)
+        if axis in self.spaces[s].members:  # a packed weight read again (its q, k and v parts)
+            return
+        self.spaces[s].members.append(axis)
         self.consumers.setdefault(s, []).append(str(node.target))
 
     def produce(self, node: fx.Node, mod: nn.Module, kind: str, size: int, members: list[ParamAxis], v: _Val, *,
@@ -197,6 +222,23 @@ class Tracer:
         self.vals[node] = _Val(i, spatial=spatial, hw=self.hw_of(node) if spatial else None, layout=layout)
         self.layer_order.append(name)
         self.record(name, kind, node, v.space, i)
+
+    def produce_space(self, node: fx.Node, kind: str, size: int, members: list[ParamAxis], *,
+                      layout: str | None = None) -> None:
+        """A new neuron space written by a node that is not a module call (``F.linear`` of tensor attributes)."""
+        self.spaces.append(NeuronSpace(name=node.name, size=size, kind=kind, producers=[], act_module="",
+                                       members=members, act_nodes=[node.name]))
+        self.parent.append(len(self.spaces) - 1)
+        self.vals[node] = _Val(len(self.spaces) - 1, layout=layout)
+
+    def record_attribute(self, node: fx.Node, name: str, space_in: int, space_out: int) -> None:
+        """A tensor attribute used directly in forward, as a :class:`ModuleInfo` of kind ``param`` (once)."""
+        if name in self.attribute_names:
+            return
+        self.attribute_names.add(name)
+        owner, _, local = name.rpartition(".")
+        self.attributes[len(self.records)] = local
+        self.record(owner, "param", node, space_in, space_out)
 
     def record(self, name: str, kind: str, node: fx.Node, space_in: int, space_out: int) -> None:
         self.records.append((name, kind, node.name, INPUT if space_in == _INPUT else space_in, space_out))
@@ -307,7 +349,8 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
     input_dim = ops.layer_op(first).in_width(first)
     order = {name: k for k, name in enumerate(layer_order)}
     chain = len(hidden) == len(layer_order) - 1 and all(
-        not s.stream and len(consumers[i]) == 1 and order[consumers[i][0]] == order[s.producers[0]] + 1
+        not s.stream and len(consumers[i]) == 1 and len(s.producers) == 1 and consumers[i][0] in order
+        and order[consumers[i][0]] == order[s.producers[0]] + 1
         for i, s in zip(roots, hidden, strict=True))
     attention = []
     for qk, v, heads in t.attention:
@@ -317,4 +360,5 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
     return NetworkGraph(spaces=hidden, input_dim=input_dim, output_dim=out_space.size, chain=chain,
                         layer_modules=layer_order,
                         conv=any(s.kind == "conv" for s in hidden), modules=infos, gm=gm,
-                        attention=list(dict.fromkeys(attention)), feature_last=frozenset(t.feature_last))
+                        attention=list(dict.fromkeys(attention)), feature_last=frozenset(t.feature_last),
+                        input_layout=t.input_layout)

@@ -119,8 +119,7 @@ class MatchContext:
             for s2, other in tied:
                 if inn and s2 in inn:
                     t = transform_axis(t, other, inn[s2])
-            t = t.movedim(m.axis, 0)
-            rows.append(t.reshape(t.shape[0], -1))
+            rows.append(m.rows(t, graph.spaces[s].size))
         return torch.cat(rows, dim=1)
 
 

@@ -150,8 +150,8 @@ class PermWeights(NeuronMatcher):
                     for jdx, (s3, ax3) in enumerate(axes):  # every other tied axis at its current permutation
                         if jdx != idx:
                             aa = transform_axis(aa, ax3, perm_matrix(perms[s3]).to(aa.device))
-                    ra = aa.movedim(ax.axis, 0).reshape(n, -1)  # a block of columns per neuron stays together
-                    rb = b.movedim(ax.axis, 0).reshape(n, -1)
+                    ra = ax.rows(aa, n)  # a block of columns per neuron stays together
+                    rb = ax.rows(b, n)
                     cost += (ra @ rb.T).cpu()
             return cost.numpy()
 
