@@ -355,6 +355,8 @@ KINDS = {
     "vit-hand": (lambda s: HandViT(), _images),
     "vit-zoo": (lambda s: build_model("vit:depth=2,dim=16,heads=2,patch=8,mlp=24,pool=mean", input_dim=3,
                                       output_dim=10, input_shape=(3, 32, 32)), _images),
+    "vit-fused-qkv": (lambda s: build_model("vit:depth=2,dim=16,heads=4,patch=8,mlp=24,qkv=1", input_dim=3,
+                                            output_dim=10, input_shape=(3, 32, 32)), _images),
     "torch-encoder-preln": (lambda s: TorchEncoder(norm_first=True), _sequences),
     "torch-encoder-postln": (lambda s: TorchEncoder(norm_first=False, batch_first=False), _sequences),
     "bert-zoo": (lambda s: build_model("bert:depth=2,dim=16,heads=4,vocab=40,seq=6,mlp=24", input_dim=6,

@@ -204,11 +204,21 @@ def test_layernorm_on_a_fully_connected_layer_moves_with_its_neurons():
     check_permutation_invariance(model, g, torch.randn(10, 5))
 
 
-def test_what_the_description_cannot_follow_is_named():
-    fused_qkv = _vit(1, qkv=1)
-    with pytest.raises(UnsupportedModelError, match=r"blocks\.0\.attn .*reshape"):
-        describe(fused_qkv, example=torch.randn(2, 3, 32, 32))
+def test_a_fused_qkv_projection_is_split_into_its_query_key_and_value_parts():
+    model = make("vit-fused-qkv")
+    x = inputs("vit-fused-qkv", 8, 1)
+    g = describe(model, example=x[:2])
+    qk, v = g.spaces[g.attention[0].qk], g.spaces[g.attention[0].v]
+    assert {(m.name, m.offset) for m in qk.members} == {
+        ("blocks.0.attn.qkv.weight", 0), ("blocks.0.attn.qkv.bias", 0), ("blocks.0.attn.qkv.weight", 16),
+        ("blocks.0.attn.qkv.bias", 16)}
+    assert {(m.name, m.offset) for m in v.members} >= {("blocks.0.attn.qkv.weight", 32), ("blocks.0.attn.qkv.bias", 32)}
+    info = next(mi for mi in g.modules if mi.name == "blocks.0.attn.qkv")
+    assert info.out_parts == [g.attention[0].qk, g.attention[0].qk, g.attention[0].v]
+    assert len(g.headed) == 6  # each part is read as N x heads x tokens x d
 
+
+def test_what_the_description_cannot_follow_is_named():
     class Masked(nn.Module):
         def __init__(self):
             super().__init__()

@@ -166,8 +166,14 @@ def fused_skeleton(model: nn.Module, graph: NetworkGraph, slots: list[ParamSlot]
         spec = module_spec(mod)
         args = spec["args"]
         old_in = graph.spaces[info.in_space].size if info.in_space >= 0 else None
+        new_out = widths[info.out_space] if info.out_space >= 0 else None
+        if info.out_parts:  # a packed projection: its parts' segments keep their places only at equal widths
+            if any(widths[p] != graph.spaces[p].size for p in info.out_parts):
+                raise HetfuseError(f"'{info.name}' packs {len(info.out_parts)} projections (q, k, v) into one "
+                                   "layer: fusing it into other widths is not supported yet")
+            new_out = None
         changed = layer_op(info.kind).resize(args, old_in, widths[info.in_space] if info.in_space >= 0 else None,
-                                             widths[info.out_space] if info.out_space >= 0 else None)
+                                             new_out)
         if info.name in bias_needed:
             args["bias"] = True
             changed = True

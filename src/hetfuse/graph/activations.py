@@ -30,26 +30,30 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _feature_last(model: nn.Module) -> frozenset[str]:
-    """The nodes of ``model`` whose neurons are on the last axis (transformer tokens), from its description."""
+def _layouts(model: nn.Module) -> dict[str, str]:
+    """The nodes of ``model`` whose neurons are not on axis 1 (transformer tokens, heads), from its
+    description."""
     from .trace import describe
 
     try:
-        return describe(model).feature_last
+        return describe(model).node_layouts
     except Exception:  # a model the description refuses has no such nodes for the recorder to know of
-        return frozenset()
+        return {}
 
 
 class Recorder:
     """Runs a traced model and returns copies of the values of chosen nodes (and nothing else). Node names are
     those of :func:`~hetfuse.graph.trace.trace` (deterministic, so a description of a copy of the model names
-    the same nodes). Values whose neurons are on the last axis (N x tokens x features; ``feature_last``, by default
-    read off the model's description) come back as N x features x tokens, like a conv map's N x C x H x W."""
+    the same nodes). Values whose neurons are not on axis 1 (``layouts``: node -> "tokens" for N x tokens x
+    features, "headed" for N x heads x tokens x d; by default read off the model's description) come back as
+    N x features x tokens, like a conv map's N x C x H x W."""
 
-    def __init__(self, model: nn.Module, node_names: Sequence[str], feature_last: Sequence[str] | None = None):
+    def __init__(self, model: nn.Module, node_names: Sequence[str], layouts=None):
         gm = trace(model)
-        if feature_last is None:
-            feature_last = _feature_last(model)
+        if layouts is None:
+            layouts = _layouts(model)
+        elif not isinstance(layouts, dict):  # node names in the tokens layout
+            layouts = dict.fromkeys(layouts, "tokens")
         graph = copy.deepcopy(gm.graph)
         by_name = {n.name: n for n in graph.nodes}
         missing = [n for n in node_names if n not in by_name]
@@ -60,9 +64,14 @@ class Recorder:
             node = by_name[name]
             with graph.inserting_after(node):
                 clone = graph.call_method("clone", (node,))
-            if name in feature_last:  # N x tokens x features -> N x features x tokens, the layout rows() reads
+            if layouts.get(name) == "tokens":  # N x tokens x features -> N x features x tokens, as rows() reads
                 with graph.inserting_after(clone):
                     clone = graph.call_method("transpose", (clone, 1, 2))
+            elif layouts.get(name) == "headed":  # N x heads x tokens x d -> N x (heads·d) x tokens
+                with graph.inserting_after(clone):
+                    moved = graph.call_method("permute", (clone, 0, 1, 3, 2))
+                with graph.inserting_after(moved):
+                    clone = graph.call_method("flatten", (moved, 1, 2))
             clones.append(clone)
         out = next(n for n in graph.nodes if n.op == "output")
         out.args = (tuple(clones),)
@@ -87,10 +96,10 @@ def _device(model: nn.Module) -> torch.device:
 
 def run_batches(model: nn.Module, node_names: Sequence[str], x: torch.Tensor,
                 fn: Callable[[int, dict[str, torch.Tensor]], None], *, batch_size: int = 500,
-                feature_last: Sequence[str] | None = None) -> None:
+                layouts: dict[str, str] | None = None) -> None:
     """Call ``fn(start, {node: value})`` for every batch of ``x`` (eval mode, no gradients; the model's
     training flag is restored afterwards)."""
-    rec = Recorder(model, node_names, feature_last)
+    rec = Recorder(model, node_names, layouts)
     was = model.training
     model.eval()
     rec.module.eval()
@@ -121,7 +130,7 @@ def layer_activations(model: nn.Module, graph: NetworkGraph, x: torch.Tensor, *,
             store[i].append(torch.cat([rows(vals[n]).to(torch.float64) for n in graph.spaces[i].act_nodes]))
 
     if nodes:
-        run_batches(model, nodes, x, take, batch_size=batch_size, feature_last=graph.feature_last)
+        run_batches(model, nodes, x, take, batch_size=batch_size, layouts=graph.node_layouts)
     dev = _device(model)
     return [torch.cat(parts) if parts else torch.empty(0, graph.spaces[i].size, dtype=torch.float64, device=dev)
             for i, parts in enumerate(store)]
@@ -147,7 +156,7 @@ def node_features(model: nn.Module, graph: NetworkGraph, node_names: Sequence[st
 
     names = list(dict.fromkeys(node_names))
     if names:
-        run_batches(model, names, x, take, batch_size=batch_size, feature_last=graph.feature_last)
+        run_batches(model, names, x, take, batch_size=batch_size, layouts=graph.node_layouts)
     return {n: torch.cat(p) for n, p in store.items()}
 
 
@@ -168,7 +177,7 @@ def node_moments(model: nn.Module, graph: NetworkGraph, node_names: Sequence[str
     names = list(dict.fromkeys(node_names))
     if names:
         batch_size = _batch_for([graph], [[names]], batch_size, STATS_BATCH_BYTES)
-        run_batches(model, names, x, take, batch_size=batch_size, feature_last=graph.feature_last)
+        run_batches(model, names, x, take, batch_size=batch_size, layouts=graph.node_layouts)
     out = {}
     for name, (n, s1, s2) in acc.items():
         mean = s1 / n
@@ -264,7 +273,7 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
     recorders, reads = [], []
     for m, g in zip(models, graphs, strict=False):
         reads.append(read_nodes(g, post))
-        recorders.append(Recorder(m, list(dict.fromkeys(n for per in reads[-1] for n in per)), g.feature_last))
+        recorders.append(Recorder(m, list(dict.fromkeys(n for per in reads[-1] for n in per)), g.node_layouts))
     was = [m.training for m in models]
     for m, r in zip(models, recorders, strict=False):
         m.eval()

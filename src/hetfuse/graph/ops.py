@@ -322,7 +322,9 @@ class DepthwiseConvOp(ChannelwiseOp):
 
 
 _LAYOUTS = {None: "N x features", "nct": "N x channels x positions", "tokens": "N x tokens x features",
-            "split": "N x tokens x heads x head-features", "headed": "N x heads x tokens x head-features"}
+            "split": "N x tokens x heads x head-features", "headed": "N x heads x tokens x head-features",
+            "packed": "N x tokens x parts x heads x head-features", "packed-headed":
+            "parts x N x heads x tokens x head-features", "unbound": "parts (unbound)"}
 
 
 def _shape_name(v) -> str:
@@ -440,12 +442,27 @@ class LayoutOp(OpHandler):
     N x T x H x d <-> N x H x T x d around attention)."""
 
     name = "transpose of tokens and heads"
-    methods = frozenset({"transpose"})
-    functions = frozenset({torch.transpose})
+    methods = frozenset({"transpose", "permute", "unbind"})
+    functions = frozenset({torch.transpose, torch.permute, torch.unbind})
     _SWAP = {"nct": "tokens", "split": "headed", "headed": "split"}
 
     def trace(self, t, node, mod):
         v = t.source(node, node.args[0])
+        if node.target in ("permute", torch.permute):
+            dims = tuple(node.args[1:]) if len(node.args) > 2 else tuple(node.args[1] if len(node.args) > 1 else
+                                                                         node.kwargs.get("dims", ()))
+            if v.layout == "packed" and dims == (2, 0, 3, 1, 4):  # parts x N x heads x tokens x d
+                t.vals[node] = t.value(v.space, layout="packed-headed", heads=v.heads, parts=v.parts)
+                return
+            raise UnsupportedModelError(f"{where(node, t.modules)}: permute{dims} of a {_shape_name(v)} tensor is "
+                                        "not supported")
+        if node.target in ("unbind", torch.unbind):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if v.layout == "packed-headed" and dim == 0:
+                t.vals[node] = t.value(v.space, layout="unbound", heads=v.heads, parts=v.parts)
+                return
+            raise UnsupportedModelError(f"{where(node, t.modules)}: unbind({dim}) of a {_shape_name(v)} tensor is "
+                                        "not supported")
         dims = tuple(node.args[1:3]) if len(node.args) >= 3 else (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
         if v.layout in self._SWAP and tuple(sorted(dims)) == (1, 2):
             t.vals[node] = t.value(v.space, layout=self._SWAP[v.layout], heads=v.heads)
@@ -632,6 +649,9 @@ def _token_reshape(t, node: fx.Node, v, start: int | None):
         args = list(node.args[1:])
         dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
         meta = node.meta.get("tensor_meta")
+        if v.layout == "tokens" and len(dims) == 5 and all(isinstance(d, int) and d > 0 for d in dims[2:]) and \
+                dims[2] * dims[3] * dims[4] == size and size % dims[2] == 0:  # N x T x parts x heads x d
+            return t.value(v.space, layout="packed", heads=dims[3], parts=dims[2])
         if v.layout == "tokens" and len(dims) == 4:
             heads = dims[2] if isinstance(dims[2], int) else (meta.shape[2] if meta is not None else None)
             if heads is None:
@@ -729,6 +749,13 @@ class ShapeIndexOp(OpHandler):
         index = node.args[1] if len(node.args) > 1 else None
         if v is not None and v.space == _PARAM:
             t.vals[node] = _param_segment(t, node, v, index)
+            return
+        if v is not None and v.layout in ("unbound", "packed-headed") and isinstance(index, int) and \
+                0 <= index < v.parts:  # one part (q, k or v) of a packed projection
+            part = t.split_packed(node, v.space, v.parts)[index]
+            t.spaces[part].act_nodes.append(node.name)
+            t.headed.add(node.name)
+            t.vals[node] = t.value(part, layout="headed", heads=v.heads)
             return
         if v is not None and v.layout == "tokens" and isinstance(index, tuple) and len(index) == 2 and \
                 index[0] == slice(None) and isinstance(index[1], int):

@@ -101,6 +101,7 @@ class ModuleInfo:
     in_space: int
     out_space: int
     params: list[str]
+    out_parts: list[int] | None = None  # a packed projection (fused q, k, v): the spaces of its output's parts
 
     def key(self, param: str) -> str:
         """The state-dict key of one of its tensors (the root module's attributes have no prefix)."""
@@ -128,7 +129,13 @@ class NetworkGraph:
     gm: object = field(default=None, repr=False, compare=False)
     attention: list[Attention] = field(default_factory=list)
     feature_last: frozenset[str] = frozenset()  # fx nodes whose neurons are on the last axis (N x tokens x D)
+    headed: frozenset[str] = frozenset()  # fx nodes read as N x heads x tokens x head-features (a packed q/k/v part)
     input_layout: str | None = None  # "tokens": the first layer reads N x tokens x features inputs
+
+    @property
+    def node_layouts(self) -> dict[str, str]:
+        """How to read the neurons of nodes that are not N x C (x H x W): "tokens" or "headed"."""
+        return {**{n: "tokens" for n in self.feature_last}, **{n: "headed" for n in self.headed}}
 
     def heads_of(self, space: int) -> Attention | None:
         """The attention whose ``qk`` or ``v`` space is ``space`` (its permutations are restricted), or None."""

@@ -48,6 +48,7 @@ class _Val:
     # (N x heads x tokens x C/heads); None otherwise
     layout: str | None = None
     heads: int | None = None  # split / headed layouts
+    parts: int | None = None  # packed layouts: how many projections one Linear packs (3: q, k, v)
     param: str | None = None  # _PARAM: the attribute's name
     offset: int | None = None  # _PARAM: a segment of its first axis, [offset, offset + length) (packed q/k/v)
     length: int | None = None
@@ -142,6 +143,8 @@ class Tracer:
         self.attributes: dict[int, str] = {}  # record index -> local name, for tensor attributes (kind "param")
         self.attribute_names: set[str] = set()
         self.input_layout: str | None = None
+        self.headed: set[str] = set()                  # nodes read as N x heads x tokens x d (packed parts)
+        self.packed: dict[int, list[int]] = {}         # a packed projection's space -> the spaces of its parts
         self.called: set[str] = set()
         self._ops: dict[str, object] = {}
         self.feature_last: set[str] = set()           # nodes whose neurons are on the last axis (tokens layout)
@@ -230,6 +233,27 @@ class Tracer:
                                        members=members, act_nodes=[node.name]))
         self.parent.append(len(self.spaces) - 1)
         self.vals[node] = _Val(len(self.spaces) - 1, layout=layout)
+
+    def split_packed(self, node: fx.Node, space: int, parts: int) -> list[int]:
+        """The spaces of the ``parts`` equal segments of a packed projection's space (one fused qkv Linear: its
+        q, k and v rows), made the first time it is split; the packed space itself is then no neuron space."""
+        root = self.find(space)
+        if root in self.packed:
+            return self.packed[root]
+        sp = self.spaces[root]
+        if sp.stream or sp.in_members() or sp.size % parts or any(m.offset is not None for m in sp.members):
+            raise UnsupportedModelError(f"{ops.where(node, self.modules)}: cannot split '{sp.name}' into {parts} "
+                                        "packed parts (only a projection's own output, read by nothing else)")
+        d = sp.size // parts
+        subs = []
+        for k in range(parts):
+            members = [ParamAxis(m.name, m.axis, "out", offset=k * d) for m in sp.out_members()]
+            self.spaces.append(NeuronSpace(name=f"{sp.name}[{k}]", size=d, kind=sp.kind, producers=[],
+                                           act_module="", members=members, act_nodes=[]))
+            self.parent.append(len(self.spaces) - 1)
+            subs.append(len(self.spaces) - 1)
+        self.packed[root] = subs
+        return subs
 
     def record_attribute(self, node: fx.Node, name: str, space_in: int, space_out: int) -> None:
         """A tensor attribute used directly in forward, as a :class:`ModuleInfo` of kind ``param`` (once)."""
@@ -320,7 +344,7 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
     if out_space.stream or consumers.get(out_root) or out_space.kind != "linear":
         raise UnsupportedModelError(f"{type(model).__name__}: the output must come from a final Linear layer "
                                     f"('{out_space.name}')")
-    roots = [i for i in range(len(spaces)) if find(i) == i and i != out_root]
+    roots = [i for i in range(len(spaces)) if find(i) == i and i != out_root and i not in t.packed]
     for i in roots:
         if i not in consumers:
             raise UnsupportedModelError(f"hidden layer '{spaces[i].name}' is never used by a later layer")
@@ -331,6 +355,8 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
         if i == INPUT:
             return INPUT
         r = find(i)
+        if r in t.packed:  # a packed projection is recorded with its first part (out_parts: all of them)
+            r = find(t.packed[r][0])
         return OUTPUT if r == out_root else position[r]
 
     infos = []
@@ -343,7 +369,8 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
         present = [k for k, _ in mod.named_parameters(recurse=False)] + \
             [k for k, b in mod.named_buffers(recurse=False) if b is not None]
         order = [k for k in mod.state_dict() if k in present]
-        infos.append(ModuleInfo(name, kind, node_name, hidden_index(i_in), hidden_index(i_out), order))
+        parts = [hidden_index(p) for p in t.packed[find(i_out)]] if i_out >= 0 and find(i_out) in t.packed else None
+        infos.append(ModuleInfo(name, kind, node_name, hidden_index(i_in), hidden_index(i_out), order, parts))
     layer_order = t.layer_order
     first = modules[layer_order[0]]
     input_dim = ops.layer_op(first).in_width(first)
@@ -361,4 +388,4 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
                         layer_modules=layer_order,
                         conv=any(s.kind == "conv" for s in hidden), modules=infos, gm=gm,
                         attention=list(dict.fromkeys(attention)), feature_last=frozenset(t.feature_last),
-                        input_layout=t.input_layout)
+                        input_layout=t.input_layout, headed=frozenset(t.headed))
