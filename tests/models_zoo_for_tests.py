@@ -364,8 +364,33 @@ KINDS = {
 }
 
 
+def _hf(kind):
+    """A tiny Hugging Face classifier (random weights, nothing downloaded) as a module returning its logits."""
+    import transformers
+
+    from hetfuse.hf import Logits
+
+    if kind == "bert":
+        config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=24, max_position_embeddings=8, num_labels=3,
+                                         attn_implementation="sdpa")
+        return Logits(transformers.BertForSequenceClassification(config).eval())
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=24, num_labels=10,
+                                    attn_implementation="sdpa")
+    return Logits(transformers.ViTForImageClassification(config).eval())
+
+
+try:  # the hf extra: Hugging Face kinds join the catalogue
+    import transformers  # noqa: F401
+
+    KINDS["hf-bert"] = (lambda s: _hf("bert"), _tokens)
+    KINDS["hf-vit"] = (lambda s: _hf("vit"), _images)
+except ImportError:
+    pass
+
 # kinds whose residual layers normalise after the addition (x -> LayerNorm(x + f(x))): a zero layer is not the identity
-POST_NORM = {"torch-encoder-postln"}
+POST_NORM = {"torch-encoder-postln", "hf-bert"}
 
 
 def make(kind, seed=0, data=None):

@@ -80,9 +80,13 @@ def test_every_repair_keeps_a_network_fused_with_its_permuted_copy(repair, kind)
 
 
 def _deeper_alignments(model, x):
-    """Per group: an alignment that adds one unit after the first (and keeps the first unit matched)."""
+    """Per group: an alignment that adds one unit after the first (and keeps the first unit matched); a group of
+    layers not followed by a ReLU (a BERT pooler's tanh) has no identity layer to add and stays as it is."""
     groups = depth_groups(describe(model, example=x))
-    return [[0] + [j + 1 for j in range(1, len(g.units))] for g in groups], [len(g.units) + 1 for g in groups]
+    deepen = [g.kind == "block" or g.units[0].relu for g in groups]
+    return ([[0] + [j + 1 for j in range(1, len(g.units))] if d else list(range(len(g.units)))
+             for g, d in zip(groups, deepen, strict=True)],
+            [len(g.units) + d for g, d in zip(groups, deepen, strict=True)])
 
 
 @pytest.mark.parametrize("kind", KIND_NAMES)

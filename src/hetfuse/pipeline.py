@@ -30,6 +30,7 @@ from .graph.groups import check_group_pairing, depth_groups
 from .graph.spec import NetworkGraph
 from .graph.trace import describe
 from .match.base import MatchContext, MatchResult
+from .hf import unwrap, wrap
 from .match.heads import attention_notes
 from .repair.base import RepairContext
 
@@ -80,7 +81,7 @@ class PreparedFusion:
                 return mean, std
 
             model = method.repair(model, RepairContext(self.graph, self.repair_samples, target_stats))
-        return model.eval()
+        return unwrap(model).eval()
 
     def _repair_method(self, repair):
         if repair is None:
@@ -215,7 +216,7 @@ def prepare_inputs(models: Sequence[nn.Module], data, config: FusionConfig
                    ) -> tuple[list[nn.Module], list[NetworkGraph], torch.Tensor, torch.Tensor]:
     """Checked eval-mode copies of ``models`` on the first model's device, their descriptions, the alignment
     samples and the repair samples drawn from ``data``."""
-    models = list(models)
+    models = [wrap(m) for m in models]  # a Hugging Face classifier: its logits
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise HetfuseError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")

@@ -169,8 +169,9 @@ class AddUnits(Balancer):
         template, resize = _identity_block(graph, groups, u, blocks)
         modules = dict(graph.gm.named_modules())
         prefix = fresh_prefix(model)
-        region = _with_constants(template.region)
+        region, batch_of = _with_constants(template.region)
         names = {n: f"n{k}" for k, n in enumerate(region)}
+        names.update(dict.fromkeys(batch_of, "$in"))  # the batch size read off another value: off the block's input
         module_names, new = {}, {}
         by_name = {mi.name: mi for mi in graph.modules}
         held: dict[str, dict[str, torch.Tensor]] = {}  # owner -> tensor attributes the block reads directly
@@ -205,11 +206,15 @@ class AddUnits(Balancer):
         return apply_edit(model, edit, new)
 
 
-def _with_constants(region: list) -> list:
+def _with_constants(region: list) -> tuple[list, set]:
     """A block's nodes with the constant nodes they read (tensor attributes and slices of them, computed from no
-    input), in graph order."""
+    input), in graph order; and the values outside the block whose batch size it reads (an exported graph reads
+    ``x.shape[0]`` off the model's input: the copy reads it off its own input, which has the same batch size)."""
+    import operator
+
     inside = set(region)
     extra: set = set()
+    batch_of: set = set()
     stack = [p for n in region for p in n.all_input_nodes if p not in inside]
     while stack:
         n = stack.pop()
@@ -218,8 +223,16 @@ def _with_constants(region: list) -> list:
         if n.op == "get_attr" or (n.all_input_nodes and all(_constant(p) for p in n.all_input_nodes)):
             extra.add(n)
             stack.extend(n.all_input_nodes)
+        elif n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0 and \
+                _shape_of_outside(n.args[0], inside):
+            extra.update((n, n.args[0]))
+            batch_of.add(n.args[0].args[0])
     order = {n: k for k, n in enumerate(region[0].graph.nodes)}
-    return sorted(inside | extra, key=lambda n: order[n])
+    return sorted(inside | extra, key=lambda n: order[n]), batch_of
+
+
+def _shape_of_outside(n, inside: set) -> bool:
+    return n.op == "call_function" and n.target is getattr and n.args[1] == "shape" and n.args[0] not in inside
 
 
 def _constant(n) -> bool:

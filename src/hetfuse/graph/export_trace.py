@@ -141,10 +141,68 @@ def export_graph(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     try:
         ep = _export(model, example)
         gm = _Rebuild(model, ep).run()
+        _drop_trivial_masks(gm, example)
     finally:
         model.train(was)
     gm.training = was
     return gm
+
+
+def _drop_trivial_masks(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Remove the ``attn_mask`` of attention calls where it masks nothing: computed from no input data (only the
+    input's shape: Hugging Face builds an all-true mask from ``arange`` even without padding) and, on the example,
+    all true (boolean) or all zero (additive)."""
+    graph = gm.graph
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention
+             and isinstance(n.kwargs.get("attn_mask"), fx.Node)]
+    if not calls:
+        return
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    shape_only = _shape_nodes(graph)
+
+    def data_dependent(node: fx.Node, seen: set) -> bool:
+        if node in seen or node in shape_only:
+            return False
+        seen.add(node)
+        return node is placeholder or any(data_dependent(p, seen) for p in node.all_input_nodes)
+
+    masks = {n.kwargs["attn_mask"] for n in calls}
+    candidates = {m for m in masks if not data_dependent(m, set())}
+    if not candidates:
+        return
+    values: dict[fx.Node, torch.Tensor] = {}
+
+    class _Read(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in candidates:
+                values[n] = out
+            return out
+
+    with torch.no_grad():
+        _Read(gm).run(example[:2])
+    trivial = {m for m, v in values.items() if isinstance(v, torch.Tensor) and
+               (bool(v.all()) if v.dtype == torch.bool else bool((v == 0).all()))}
+    if not trivial:
+        return
+    for n in calls:
+        if n.kwargs["attn_mask"] in trivial:
+            n.kwargs = {k: v for k, v in n.kwargs.items() if k != "attn_mask"}
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+
+
+def _shape_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that read only the input's shape (``x.shape``, ``x.shape[0]``): what they compute is no input data."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        shape = n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape"
+        index = n.op == "call_function" and n.target is operator.getitem and bool(n.args) and n.args[0] in out
+        size = n.op == "call_method" and n.target in ("size", "dim")
+        if shape or index or size:
+            out.add(n)
+    return out
 
 
 def _schema_args(node: fx.Node) -> dict:

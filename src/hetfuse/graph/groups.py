@@ -75,9 +75,13 @@ def activation_chain(node: fx.Node, modules: dict) -> tuple[fx.Node, bool]:
 
 def _dominators(nodes: list[fx.Node]) -> dict[fx.Node, set[fx.Node]]:
     dom: dict[fx.Node, set[fx.Node]] = {}
-    const: set[fx.Node] = set()  # tensor attributes and what is computed from them alone: no path from the input
+    # tensor attributes, shapes (x.shape[0]: an exported graph reads the batch size off the model's input) and what
+    # is computed from them alone: they carry no data from the input
+    const: set[fx.Node] = set()
     for n in nodes:  # topological order: every input is seen before its users
-        if n.op == "get_attr" or (n.all_input_nodes and all(p in const for p in n.all_input_nodes)):
+        shape = (n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape") or \
+            (n.op == "call_method" and n.target in ("size", "dim"))
+        if n.op == "get_attr" or shape or (n.all_input_nodes and all(p in const for p in n.all_input_nodes)):
             const.add(n)
         preds = [p for p in n.all_input_nodes if p in dom and p not in const]
         if not preds:

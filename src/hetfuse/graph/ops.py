@@ -33,6 +33,7 @@ __all__ = ["OPS", "LayerOp", "OpHandler", "channelwise", "handler_for", "is_add"
 _INPUT = -1
 _META = -2
 _PARAM = -3
+_CONST = -4
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -387,7 +388,10 @@ class EmbeddingOp(LayerOp):
     in_key, out_key = "num_embeddings", "embedding_dim"
 
     def trace(self, t, node, mod):
-        v = t.source(node, node.args[0])
+        v = t.source(node, node.args[0], const_ok=True)
+        if v.space == _CONST:  # looked up with constant ids (position ids, token types): like a position embedding
+            t.vals[node] = t.value(_PARAM, param=f"{node.target}.weight")
+            return
         if v.space != _INPUT:
             raise UnsupportedModelError(f"{where(node, t.modules)}: an Embedding must read the model's token ids")
         t.produce(node, mod, self.kind, mod.embedding_dim, [ParamAxis(f"{node.target}.weight", 1, "out")], v,
@@ -801,8 +805,9 @@ _LAYERS: dict[str, LayerOp] = {h.kind: h for h in OPS if isinstance(h, LayerOp)}
 
 
 def channelwise(kind: str) -> bool:
-    """Whether layers of ModuleInfo kind ``kind`` act within their input's space (BatchNorm, depthwise conv)."""
-    return not layer_op(kind).writes_space
+    """Whether layers of ModuleInfo kind ``kind`` act within their input's space (BatchNorm, depthwise conv; not a
+    tensor attribute, kind ``param``)."""
+    return kind != "param" and not layer_op(kind).writes_space
 
 
 def handler_for(node: fx.Node, modules: dict) -> OpHandler | None:

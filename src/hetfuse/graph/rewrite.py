@@ -179,8 +179,11 @@ def edits_of(model: nn.Module) -> list[dict]:
 
 
 def editable_copy(model: nn.Module) -> nn.Module:
-    """A deep copy that remembers its base and its edits so far."""
-    new = copy.deepcopy(model)
+    """A deep copy that remembers its base and its edits so far (of a model only torch.export could trace: a copy
+    of that trace, since the copy of the model itself could not be traced without an example)."""
+    from .trace import exported
+
+    new = copy.deepcopy(exported(model) or model)
     set_history(new, base_of(model), edits_of(model))
     return new
 

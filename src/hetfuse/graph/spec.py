@@ -155,14 +155,16 @@ class NetworkGraph:
         """Whether the network reads N x C x H x W images (its first layer's handler in the op table says so)."""
         from .ops import layer_op
 
-        return bool(self.modules) and layer_op(self.modules[0].kind).image_input
+        first = next((m for m in self.modules if m.kind != "param"), None)
+        return first is not None and layer_op(first.kind).image_input
 
     @property
     def token_input(self) -> bool:
         """Whether the network reads N x tokens integer ids (it starts with an embedding)."""
         from .ops import layer_op
 
-        return bool(self.modules) and layer_op(self.modules[0].kind).token_input
+        first = next((m for m in self.modules if m.kind != "param"), None)
+        return first is not None and layer_op(first.kind).token_input
 
 
 def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) -> torch.Tensor:

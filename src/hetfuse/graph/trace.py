@@ -35,6 +35,7 @@ from .spec import INPUT, OUTPUT, Attention, ModuleInfo, NetworkGraph, NeuronSpac
 _INPUT = -1
 _META = -2   # a shape or size value (x.shape, x.size(0)): allowed as an argument of view/reshape only
 _PARAM = -3  # a tensor attribute of the model (get_attr): tied to the space it is added to or concatenated with
+_CONST = -4  # computed from no input data (an integer buffer, a mask, position ids): tied to no space
 
 
 @dataclass
@@ -54,19 +55,45 @@ class _Val:
     length: int | None = None
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+# where a model keeps its torch.export graph: a plain attribute (not a registered submodule, so not in its state),
+# which deep copies of the model copy along, the copy's graph calling the copy's own layers
+_EXPORT_ATTR = "_hetfuse_export"
+
+
+def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModule:
     """The model's fx graph. A ``GraphModule`` (a model hetfuse balanced, say) is its own trace: its node
-    names are the ones its recorded edits refer to, so it is not traced again."""
+    names are the ones its recorded edits refer to, so it is not traced again.
+
+    Two tracers: ``torch.fx`` symbolic tracing (with :mod:`hetfuse.graph.decompose`), and where it fails,
+    ``torch.export`` on ``example`` (:func:`hetfuse.graph.export_trace.export_graph`; Hugging Face models, code
+    with Python control flow over its configuration). An exported graph is kept on the model object (and on its deep
+    copies), so later calls without an example find it. The error of a model both refuse says what each said."""
     if isinstance(model, fx.GraphModule):
         return model
+    cached = exported(model)
+    if cached is not None:
+        return cached
     try:
         tracer = _Tracer()
         graph = tracer.trace(model)
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
-    except UnsupportedModelError:
-        raise
     except Exception as exc:
-        raise UnsupportedModelError(_trace_failure(model, exc)) from exc
+        fx_error = exc if isinstance(exc, UnsupportedModelError) else UnsupportedModelError(_trace_failure(model, exc))
+    if example is None:
+        raise fx_error
+    from .export_trace import export_graph
+
+    try:
+        gm = export_graph(model, example)
+    except UnsupportedModelError as export_error:
+        raise UnsupportedModelError(f"torch.fx: {fx_error}; torch.export: {export_error}") from None
+    object.__setattr__(model, _EXPORT_ATTR, gm)
+    return gm
+
+
+def exported(model: nn.Module) -> fx.GraphModule | None:
+    """The torch.export trace kept for ``model`` (see :func:`trace`), if any."""
+    return model.__dict__.get(_EXPORT_ATTR)
 
 
 class _Tracer(fx.Tracer):
@@ -162,10 +189,46 @@ class Tracer:
             i = parent[i]
         return i
 
-    def source(self, node: fx.Node, arg, *, param_ok: bool = False) -> _Val:
+    def _constant(self, node: fx.Node) -> bool:
+        """An op whose inputs are all constants or shape values (or none at all), or a tensor attribute that is
+        an integer buffer or not part of the state (position ids, masks): a constant."""
+        if node.op == "get_attr":
+            state = self.gm.state_dict()
+            return node.target not in state or not state[node.target].is_floating_point()
+        if node.op not in ("call_function", "call_method"):
+            return False
+        inputs = [self.vals.get(p) for p in node.all_input_nodes]
+        if any(v is None for v in inputs):
+            return False
+        return all(v.space in (_CONST, _META) for v in inputs) and (not inputs or
+                                                                      any(v.space == _CONST for v in inputs) or
+                                                                      self._makes_tensor(node))
+
+    def _size_arithmetic(self, node: fx.Node) -> bool:
+        if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
+            return False
+        inputs = [self.vals.get(p) for p in node.all_input_nodes]
+        return all(v is not None and v.space == _META for v in inputs) and not self._makes_tensor(node) and \
+            node.target is not getattr
+
+    @staticmethod
+    def _makes_tensor(node: fx.Node) -> bool:
+        """A call on shape values alone that makes a tensor (``torch.ones(t, t)``), not a size (``x.size(0) * 2``)."""
+        meta = node.meta.get("tensor_meta")
+        if meta is not None:
+            return True
+        name = getattr(node.target, "__name__", str(node.target))
+        return name.split(".")[0] in ("ones", "zeros", "full", "arange", "eye", "empty", "tril", "triu", "ones_like",
+                                      "zeros_like", "new_ones", "new_zeros")
+
+    def source(self, node: fx.Node, arg, *, param_ok: bool = False, const_ok: bool = False) -> _Val:
         if not isinstance(arg, fx.Node) or arg not in self.vals:
             raise UnsupportedModelError(f"{ops.where(node, self.modules)}: unsupported input {arg!r}")
         v = self.vals[arg]
+        if v.space == _CONST and not const_ok:
+            raise UnsupportedModelError(
+                f"{ops.where(node, self.modules)}: {ops.op_name(node, self.modules)} applied to a value computed from "
+                "no input data (a constant); hetfuse follows constants used as embedding indices only")
         if v.space == _PARAM and not param_ok:
             raise UnsupportedModelError(
                 f"{ops.where(node, self.modules)}: {ops.op_name(node, self.modules)} applied to the tensor attribute "
@@ -297,6 +360,12 @@ class Tracer:
             return None
         if node.op == "output":
             return self.source(node, node.args[0])
+        if self._constant(node):  # computed from no input data (a mask, position ids): tied to no space
+            self.vals[node] = _Val(_CONST)
+            return None
+        if self._size_arithmetic(node):  # x.size(1) // heads
+            self.vals[node] = _Val(_META)
+            return None
         handler = self.op_of(node)
         if handler is None:
             raise UnsupportedModelError(
@@ -322,7 +391,7 @@ def describe(model: nn.Module, example: torch.Tensor | None = None) -> NetworkGr
     neuron space that reaches the model's output is the output layer: it is never permuted. Every node is
     described by the handler of its op in :data:`hetfuse.graph.ops.OPS`.
     """
-    gm = trace(model)
+    gm = trace(model, example)
     if example is not None:
         was = model.training
         gm.eval()
