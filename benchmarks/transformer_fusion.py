@@ -59,9 +59,10 @@ def child(case: str, data: str, threads: int) -> None:
     res = fuse([a, b], x, samples=512, **CASES[case])
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timings = {k: round(v, 2) for k, v in res.report["timings"].items()}
     print(json.dumps({"case": case, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_mb),
-                      "threads": threads, "alignment": [m["alignment"] for m in res.report["mappings"]], "timings": {k: round(v, 2) for k, v in
-                                                                       res.report["timings"].items()}}))
+                      "threads": threads, "alignment": [m["alignment"] for m in res.report["mappings"]],
+                      "timings": timings}))
 
 
 def main() -> None:
