@@ -240,13 +240,29 @@ def test_what_the_description_cannot_follow_is_named():
     assert len(g.attention) == 1
 
 
-def test_the_report_says_when_a_matcher_mixes_heads():
+def test_zip_keeps_heads_whole_and_the_report_would_say_when_a_matcher_did_not():
+    from hetfuse.match.base import MatchResult, SpaceMap
+    from hetfuse.match.heads import attention_notes
+
     x = inputs("vit-hand", 48, 1)
     a, b = make("vit-hand", 0), make("vit-hand", 1)
     zipped = prepare_fusion([a, b], x, FusionConfig(match="zip", samples=48, repair="none"))
-    assert any("do not move whole heads" in n for n in zipped.report["notes"])
-    permuted = prepare_fusion([a, b], x, FusionConfig(match="perm-acts", samples=48, repair="none"))
-    assert not any("heads" in n for n in permuted.report["notes"])
+    assert not any("heads" in n for n in zipped.report["notes"])
+    attention = {s for att in zipped.graph.attention for s in (att.qk, att.v)}
+    assert {m["space"] for m in zipped.report["match_info"]["merges"] if m["heads_as_units"]} == attention
+    for att in zipped.graph.attention:  # each head of b goes to exactly one head of the target
+        for s in (att.qk, att.v):
+            m = zipped.match.maps[1][s].out
+            d = m.shape[0] // att.heads
+            assert bool(((m.reshape(att.heads, d, att.heads, d).sum((1, 3)) > 0).sum(1) == 1).all())
+    # a matcher that mixed heads (here: a map swapping one neuron across two heads) gets a note
+    graphs = zipped.balanced_graphs
+    maps = [[SpaceMap.identity(sp.size) for sp in g.spaces] for g in graphs]
+    n = graphs[1].spaces[graphs[1].attention[0].qk].size
+    swap = torch.eye(n, dtype=torch.float64)[:, [4, 1, 2, 3, 0] + list(range(5, n))]
+    maps[1][graphs[1].attention[0].qk] = SpaceMap(swap, swap.clone())
+    notes = attention_notes(graphs, MatchResult([sp.size for sp in graphs[0].spaces], maps), 0)
+    assert len(notes) == 1 and "do not move whole heads" in notes[0]
 
 
 @pytest.mark.parametrize("norm_first", [True, False])

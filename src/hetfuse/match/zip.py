@@ -185,11 +185,16 @@ class _Zip(NeuronMatcher):
         maps: list[list[SpaceMap]] = [[] for _ in range(k)]
         merges = []
         costs: list[list[float]] = [[] for _ in range(k)]
+        heads = self._heads_as_units(ctx, st, widths)
         for s in range(ctx.n_spaces):
             sizes = [g.spaces[s].size for g in ctx.graphs]
             corr = torch.cat([torch.cat([st.correlation(i, j, s) for j in range(k)], dim=1) for i in range(k)], dim=0)
             origin = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
-            labels, info = greedy_zip(corr, origin, widths[s], alpha=self.params.alpha, beta=self.params.beta)
+            if s in heads:  # attention: whole heads matched onto the target's, then neurons within them
+                labels = torch.cat([torch.as_tensor(c, dtype=torch.long) for c in heads[s]])
+                info = {"within": 0, "budget": None, "forced": 0, "heads_as_units": True}
+            else:
+                labels, info = greedy_zip(corr, origin, widths[s], alpha=self.params.alpha, beta=self.params.beta)
             for i, c in enumerate(zip_costs(corr, labels, origin, k)):
                 costs[i].append(c)
             offset = 0
@@ -201,7 +206,7 @@ class _Zip(NeuronMatcher):
                 offset += n
             merges.append({"space": s, "features": sum(sizes), "fused": widths[s],
                            "within_model_merges": info["within"], "budgets": info["budget"],
-                           "forced": info["forced"]})
+                           "forced": info["forced"], "heads_as_units": info.get("heads_as_units", False)})
         assemble = None
         if self.params.zip_until:
             from ..multihead import MultiHeadAssembly
@@ -210,6 +215,34 @@ class _Zip(NeuronMatcher):
         return MatchResult(widths, maps, {"solvers": [["zip"] * ctx.n_spaces for _ in range(k)], "merges": merges,
                                           "zip_until": self.params.zip_until, "costs": costs,
                                           "cost_measure": ZIP_COST}, assemble)
+
+
+    def _heads_as_units(self, ctx: MatchContext, st, widths: list[int]) -> dict[int, list]:
+        """Per attention space: each model's neuron -> fused neuron (the target's order), whole heads matched as
+        units onto the target's by correlation (zipping neurons of different heads together would change what the
+        heads compute, and no merged head is the function of either model's); the fused neuron averages the
+        matched neurons. Attention spaces of different widths are refused."""
+        from .heads import head_structured
+
+        t, out = ctx.target, {}
+        for att in ctx.graphs[t].attention:
+            for s in (att.qk, att.v):
+                sizes = {g.spaces[s].size for g in ctx.graphs} | {widths[s]}
+                if len(sizes) != 1:
+                    raise HetfuseError(
+                        f"{self.name}: the attention at '{ctx.graphs[t].spaces[att.qk].name}' has widths "
+                        f"{[g.spaces[s].size for g in ctx.graphs]} across the models (fused: {widths[s]}); attention "
+                        "heads are zipped as whole units between equal widths only")
+            per_model = []
+            for i in range(ctx.n_models):
+                if i == t:
+                    per_model.append([torch.arange(ctx.graphs[t].spaces[s].size).numpy() for s in (att.qk, att.v)])
+                    continue
+                scores = [st.correlation(i, t, s).cpu().numpy() for s in (att.qk, att.v)]
+                per_model.append(head_structured(scores, att.heads))
+            out[att.qk] = [cols[0] for cols in per_model]
+            out[att.v] = [cols[1] for cols in per_model]
+        return out
 
 
 @register
