@@ -81,8 +81,8 @@ def test_vits_of_different_depths_fuse_exactly_at_weights_one_zero():
     x = KINDS["vit"][1](32)
     a, b = _vit(2, 0), _vit(3, 1)
     res = fuse([a, b], x, weights=[1.0, 0.0], samples=32, repair="none")
-    with torch.no_grad():
-        torch.testing.assert_close(res.model(x), _logits(a, x), rtol=1e-5, atol=1e-6)  # pre-LN: exact identities
+    assert type(res.model) is type(b) and res.model.config.num_hidden_layers == 3  # the deeper input's class
+    torch.testing.assert_close(_logits(res.model, x), _logits(a, x), rtol=1e-5, atol=1e-6)  # pre-LN: exact
 
 
 def test_berts_of_different_depths_fuse_with_a_measured_warning():
@@ -93,6 +93,7 @@ def test_berts_of_different_depths_fuse_with_a_measured_warning():
         res = fuse([a, b], x, samples=32)
     assert any("post-norm" in str(w.message) and "change its outputs by" in str(w.message) for w in caught)
     assert any("post-norm" in n for n in res.report["notes"])
+    assert type(res.model) is type(b) and res.model.config.num_hidden_layers == 3
 
 
 def test_a_model_both_tracers_refuse_names_both():

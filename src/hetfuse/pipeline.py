@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .align.base import DepthAlignment, ModelAlignment, GroupAlignment, align_depths
@@ -30,7 +31,7 @@ from .graph.groups import check_group_pairing, depth_groups
 from .graph.spec import NetworkGraph
 from .graph.trace import describe
 from .match.base import MatchContext, MatchResult
-from .hf import unwrap, wrap
+from .hf import Logits, unwrap, wrap
 from .match.heads import attention_notes
 from .repair.base import RepairContext
 
@@ -81,7 +82,36 @@ class PreparedFusion:
                 return mean, std
 
             model = method.repair(model, RepairContext(self.graph, self.repair_samples, target_stats))
-        return unwrap(model).eval()
+        return unwrap(self._as_input_class(model)).eval()
+
+    def _as_input_class(self, model: nn.Module) -> nn.Module:
+        """A Hugging Face model fused across depths comes back as a copy of the input model that already has the
+        fused structure (the deeper one: its class and configuration), holding the fused tensors; the balanced
+        ``GraphModule`` where no input model has it (or the copy would compute something else)."""
+        from .graph.correspond import param_slots
+
+        if not isinstance(model, fx.GraphModule):
+            return model
+        for m, g in zip(self.balanced, self.balanced_graphs, strict=True):
+            if not (isinstance(m, Logits) and m.auto and not isinstance(m, fx.GraphModule)):
+                continue
+            try:
+                slots = param_slots([self.graph, g])
+            except HetfuseError:
+                continue
+            state = model.state_dict()
+            copy_ = copy.deepcopy(m)
+            own = copy_.state_dict()
+            new = {s.keys[1]: state[s.keys[0]].to(own[s.keys[1]].dtype) for s in slots
+                   if s.keys[0] is not None and s.keys[1] is not None}
+            if any(own[k].is_floating_point() and k not in new for k in own):
+                continue  # a tensor of the input model the fused structure does not cover
+            copy_.load_state_dict({**own, **new})
+            with torch.no_grad():
+                x = self.samples[:8]
+                if torch.allclose(copy_.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-5):
+                    return copy_
+        return model
 
     def _repair_method(self, repair):
         if repair is None:
