@@ -46,6 +46,19 @@ print((time.perf_counter() - t0) / steps)
 """
 
 
+def _split_archs(text: str) -> list[str]:
+    """Zoo strings separated by commas, where options inside a spec also use commas (``vgg11:w=0.5,bn``): a part
+    that does not start a zoo name joins the spec before it."""
+    out: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if out and (":" not in part and not part.startswith(("resnet", "vgg", "mvgg", "mlp", "vit", "bert"))):
+            out[-1] += "," + part
+        elif part:
+            out.append(part)
+    return out
+
+
 def run(arch, threads, bs, cl, steps):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     return subprocess.Popen([sys.executable, "-c", CHILD, arch, str(threads), str(bs), "1" if cl else "0", str(steps)],
@@ -61,12 +74,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated zoo architectures (default: all)")
     a = ap.parse_args()
     from hetfuse.train.memory_format import channels_last_safe
 
     safe = channels_last_safe()
     rows = []
-    for arch in ARCHS:
+    import platform
+
+    for arch in _split_archs(a.archs):
         for threads, bs, cl in [(1, 128, False), (1, 256, False), (2, 128, False), (2, 256, False),
                                 (1, 128, True), (2, 128, True)]:
             if cl and not safe:
@@ -82,7 +98,10 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "parents_recipe.json").write_text(json.dumps({"channels_last_safe": safe, "rows": rows}, indent=2) + "\n")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     lines = ["# Seconds per CIFAR-10 epoch (50,000 images) of the candidate parents on this CPU", "",
+             f"Processor: {cpu}.", "",
              f"channels_last safe on this processor: {safe} (unsafe: those rows are not run).", "",
              "| arch | mode | threads | batch | channels_last | s / epoch |", "|---|---|---|---|---|---|"]
     for r in rows:

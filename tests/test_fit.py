@@ -139,6 +139,10 @@ def test_an_interrupted_fit_resumes_to_the_same_weights(tmp_path, monkeypatch):
         assert torch.allclose(p, q, atol=1e-6)
     with pytest.raises(HetfuseError, match="other settings"):
         fit(_mlp(), x, y, FitSettings(epochs=5, lr=0.05, batch_size=32, seed=3), out=out, progress=False)
+    # how the run executes is not what it computes: a change of memory format resumes (here: nothing left to do)
+    again = fit(_mlp(), x, y, FitSettings(epochs=4, lr=0.05, batch_size=32, seed=3, channels_last=True), out=out,
+                progress=False)
+    assert again.resumed_from == 4
 
 
 def test_distillation_pulls_the_student_towards_the_teacher():

@@ -22,7 +22,9 @@ command (a cache miss).
 
 Recipe (measured in ``results/bench/parents_recipe``): SGD with Nesterov momentum 0.9, batch 128, one-cycle
 learning rate (peak 0.1·batch/128 after 30 % of the steps, cosine to peak/1e4), weight decay 5e-4, label smoothing
-0.1, random crop (zero padding 4) + horizontal flip; no test-time augmentation. One torch thread per process.
+0.1, random crop (zero padding 4) + horizontal flip; no test-time augmentation. One torch thread per process;
+channels_last memory format where the processor survives it (:mod:`hetfuse.train.memory_format`; it changes the
+speed, not the arithmetic's result beyond rounding: a run resumes across it).
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ def train_parent(p: Parent, ds, *, out_root=None, progress: bool = True, command
     r = p.recipe
     settings = FitSettings(epochs=p.epochs, lr=r["lr"], momentum=r["momentum"], nesterov=r["nesterov"],
                            weight_decay=r["weight_decay"], batch_size=r["batch_size"], schedule=r["schedule"],
-                           label_smoothing=r["label_smoothing"], augment=r["augment"], seed=p.seed, val_fraction=0.0)
+                           label_smoothing=r["label_smoothing"], augment=r["augment"], seed=p.seed, val_fraction=0.0,
+                           channels_last=True)  # where the processor survives it (train.memory_format): ~20 % faster
     t0 = time.perf_counter()
     result = fit(model, x, y, settings, out=state_dir / f"{p.name}.safetensors", head=head, progress=progress,
                  evaluate=lambda m: _metrics(m, head, p, ds),

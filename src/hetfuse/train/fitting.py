@@ -373,6 +373,10 @@ def _save_state(path: Path, model: nn.Module, opt, epoch, best_val, best_epoch, 
     atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+# settings that change how the run executes, not what it computes: a run resumes across a change of them
+EXECUTION_ONLY = frozenset({"channels_last"})
+
+
 def _load_state(path: Path, model: nn.Module, opt, settings: dict):
     from safetensors import safe_open
 
@@ -381,7 +385,8 @@ def _load_state(path: Path, model: nn.Module, opt, settings: dict):
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     saved = json.loads(meta.get("settings", "{}"))
     defaults = asdict(FitSettings())  # a setting added since the state was written counts as its default
-    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k, defaults.get(k)) != settings.get(k))
+    changed = sorted(k for k in set(saved) | set(settings)
+                     if k not in EXECUTION_ONLY and saved.get(k, defaults.get(k)) != settings.get(k))
     if changed:
         diff = ", ".join(f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
         raise HetfuseError(f"{path} holds a run with other settings ({diff}): rerun with the same "
