@@ -317,3 +317,10 @@ def test_the_command_line_checks_transformers_and_says_which_inputs_do_not_fit(t
     save_model(make("bert-zoo"), bert)
     assert main(["check", str(bert)]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_different_head_layouts_are_refused_naming_both():
+    x = inputs("vit-hand", 32, 1)
+    with pytest.raises(HetfuseError, match=r"4 heads of 4 query/key and 4 value dimensions in model 0 but 2 heads of "
+                                           r"8 and 8 in model 1"):
+        fuse([_vit(1, heads=4), _vit(1, heads=2)], x, samples=32)
