@@ -107,3 +107,13 @@ def test_a_model_both_tracers_refuse_names_both():
 
     with pytest.raises(UnsupportedModelError, match=r"torch\.fx: .*control flow.*; torch\.export: "):
         describe(Branchy(), example=torch.randn(2, 4))
+
+
+def test_a_fused_hugging_face_model_saves_and_loads(tmp_path):
+    from hetfuse import load_model, save_model
+
+    x = KINDS["bert"][1](32)
+    res = fuse([_bert(2, 0), _bert(3, 1)], x, samples=32)
+    save_model(res.model, tmp_path / "fused.safetensors")
+    again = load_model(tmp_path / "fused.safetensors", base=_bert(3, 7))  # the class, any weights
+    torch.testing.assert_close(_logits(again, x), _logits(res.model, x))
