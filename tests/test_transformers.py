@@ -153,11 +153,17 @@ def test_a_planted_head_permutation_is_recovered():
             assert torch.equal(cols, perms[s])  # twin's neuron j is the model's neuron perms[s][j]
 
 
-def test_soft_transport_of_attention_is_refused_with_both_layouts():
+def test_soft_transport_keeps_heads_whole_and_says_the_attention_is_approximate():
     x = inputs("vit-hand", 32, 1)
-    with pytest.raises(HetfuseError, match=r"4 heads.*exact solver"):
-        prepare_fusion([make("vit-hand", 0), make("vit-hand", 1)], x,
-                       FusionConfig(match="ot-acts", samples=32, solver="sinkhorn"))
+    prep = prepare_fusion([make("vit-hand", 0), make("vit-hand", 1)], x,
+                          FusionConfig(match="ot-acts", samples=32, solver="sinkhorn", reg=0.05))
+    from hetfuse.match.heads import keeps_heads
+
+    for att in prep.graph.attention:
+        for s in (att.qk, att.v):
+            m = prep.match.maps[1][s].out
+            assert keeps_heads(m, att.heads, exact=False) and not keeps_heads(m, att.heads)
+    assert any("transported, not permuted" in n for n in prep.report["notes"])
 
 
 def test_depth_different_vits_fuse_into_the_deeper_depth():
@@ -324,3 +330,51 @@ def test_different_head_layouts_are_refused_naming_both():
     with pytest.raises(HetfuseError, match=r"4 heads of 4 query/key and 4 value dimensions in model 0 but 2 heads of "
                                            r"8 and 8 in model 1"):
         fuse([_vit(1, heads=4), _vit(1, heads=2)], x, samples=32)
+
+
+def test_vits_of_different_widths_and_depths_fuse_by_transport_heads_as_units(tmp_path):
+    """dim 16 vs 24 (4 heads of 4 vs 6 dimensions), depth 1 vs 2: OT moves whole heads onto whole heads with a
+    transport inside each; weights (1, 0) onto the narrower model give it back exactly; the fused model saves."""
+    x = inputs("vit-hand", 48, 1)
+    torch.manual_seed(0)
+    narrow, wide = _vit(1), _vit(2, dim=24)
+    for match in ("ot-acts", "ot-weights"):
+        res = fuse([narrow, wide], x, weights=[1.0, 0.0], samples=48, match=match, repair="none", target=0)
+        with torch.no_grad():
+            torch.testing.assert_close(res.model(x), narrow(x), rtol=1e-5, atol=1e-6)
+        assert any("transported, not permuted" in n for n in res.report["notes"])
+        assert res.report["fused_widths"][0] == 16
+    res = fuse([narrow, wide], x, samples=48, match="ot-acts", target=1)  # into the wider widths
+    g = describe(res.model, example=x[:2])
+    assert g.spaces[0].size == 24 and [a.heads for a in g.attention] == [4, 4]
+    save_model(res.model, tmp_path / "wide.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "wide.safetensors")(x), res.model(x))
+    with pytest.raises(HetfuseError, match="equal widths"):
+        fuse([narrow, wide], x, samples=48, match="perm-acts")
+
+
+def test_a_position_embedding_is_resized_with_its_stream(tmp_path):
+    """Elastic zipping widens the stream of a token model without attention: its position embedding is
+    replaced by one of the fused width (a recorded edit), and the fused model saves and loads."""
+    class Tokens(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.embed, self.pos = nn.Embedding(30, d), nn.Parameter(torch.randn(1, 5, d) * 0.1)
+            self.ln, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 16), nn.Linear(16, d)
+            self.head = nn.Linear(d, 3)
+
+        def forward(self, ids):
+            x = self.embed(ids) + self.pos
+            x = x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+            return self.head(x.mean(dim=1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (40, 5))
+    res = fuse([Tokens(8), Tokens(12)], ids, samples=40, match="elastic-zip", target=0)
+    assert dict(res.model.named_parameters())["pos"].shape == (1, 5, 12)
+    assert res.report["fused_widths"][0] == 12
+    save_model(res.model, tmp_path / "tokens.safetensors")
+    again = load_model(tmp_path / "tokens.safetensors", base=Tokens(8))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), res.model(ids))

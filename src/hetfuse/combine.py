@@ -155,12 +155,12 @@ def fused_skeleton(model: nn.Module, graph: NetworkGraph, slots: list[ParamSlot]
     modules = dict(out.named_modules())
     bias_needed = {graph.modules[slot.module].name for slot in slots if slot.keys[target] is None}
     for info in graph.modules:
-        if info.kind == "param":
-            size = graph.spaces[info.out_space].size
-            if widths[info.out_space] != size:
-                raise HetfuseError(f"the tensor attribute '{info.key(info.params[0])}' is tied to a space of {size} "
-                                   f"neurons fused to {widths[info.out_space]}: changing the width of a space with "
-                                   "position embeddings or class tokens is not supported yet")
+        if info.kind == "param":  # a tensor attribute tied along its last axis: zeros of the fused width
+            key = info.key(info.params[0])
+            old = dict(out.named_parameters())[key]
+            if widths[info.out_space] != old.shape[-1]:
+                out = apply_edit(out, {"op": "resize_param", "target": key,
+                                       "shape": [*old.shape[:-1], widths[info.out_space]]})
             continue
         mod = modules[info.name]
         spec = module_spec(mod)

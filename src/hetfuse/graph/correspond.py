@@ -60,13 +60,13 @@ def check_correspondence(graphs: list[NetworkGraph], names: list[str] | None = N
         heads_ref = [(a.heads, ref.spaces[a.qk].size // a.heads, ref.spaces[a.v].size // a.heads)
                      for a in ref.attention]
         heads_g = [(a.heads, g.spaces[a.qk].size // a.heads, g.spaces[a.v].size // a.heads) for a in g.attention]
-        if len(heads_ref) == len(heads_g) and heads_ref != heads_g:
-            k = next(k for k, (a, b) in enumerate(zip(heads_ref, heads_g, strict=True)) if a != b)
+        if len(heads_ref) == len(heads_g) and [h[0] for h in heads_ref] != [h[0] for h in heads_g]:
+            k = next(k for k, (a, b) in enumerate(zip(heads_ref, heads_g, strict=True)) if a[0] != b[0])
             (ha, qa, va), (hb, qb, vb) = heads_ref[k], heads_g[k]
             raise HetfuseError(f"attention {k + 1} ('{ref.spaces[ref.attention[k].qk].name}') has {ha} heads of "
                                f"{qa} query/key and {va} value dimensions in {names[0]} but {hb} heads of {qb} and "
-                               f"{vb} in {names[i]}: heads are matched as whole units, so the head layouts must be "
-                               "equal")
+                               f"{vb} in {names[i]}: heads are matched as whole units, so the head counts must be "
+                               "equal (head sizes may differ: ot-acts / ot-weights transport between them)")
         if len(g.modules) != len(ref.modules):
             raise HetfuseError(f"{names[0]} has {len(ref.modules)} parametric layers and {names[i]} "
                                f"{len(g.modules)}: their structures do not correspond")

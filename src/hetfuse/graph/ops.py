@@ -372,7 +372,7 @@ class LayerNormOp(ChannelwiseOp):
         shape = args["normalized_shape"]
         shape = shape if isinstance(shape, (tuple, list)) else (shape,)
         if width is not None and width != shape[0]:
-            args["normalized_shape"] = (width,)
+            args["normalized_shape"] = [width]
             return True
         return False
 

@@ -9,6 +9,8 @@ applied by :func:`apply_edit` — the same function when the edit is made and wh
 * ``{"op": "insert", "after": NODE, "nodes": [...], "modules": {NAME: SPEC}}`` — insert a small graph after
   fx node ``NODE``; its input is ``NODE``'s value and its output replaces that value for every node that
   used it (an identity layer, a zero residual block);
+* ``{"op": "resize_param", "target": NAME, "shape": [...]}`` — replace the tensor attribute ``NAME`` (a position
+  embedding, a class token) by zeros of ``shape`` (the fused values are loaded after);
 * ``{"op": "fold", "consumer": NODE, "source": NODE, "module": SPEC}`` — the layer called at ``consumer``
   now reads ``source`` (skipping the layers between them, which are removed) and is rebuilt from
   ``SPEC`` (a folded layer).
@@ -246,6 +248,20 @@ def apply_edit(model: nn.Module, edit: dict, modules: dict[str, nn.Module] | Non
     elif op == "fold":
         out = _as_graph_module(model)
         _fold(out, edit, modules)
+    elif op == "resize_param":
+        target, shape = edit.get("target"), edit.get("shape")
+        owner_name, _, local = str(target).rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+            old = owner.get_parameter(local)
+        except AttributeError:
+            raise CheckpointError(f"edit resizes {target!r}, which is not a parameter of the model") from None
+        good = isinstance(shape, list) and len(shape) == old.dim() and \
+            all(isinstance(d, int) and 0 < d <= 1 << 20 for d in shape)
+        if not good or math.prod(shape) > 1 << 28:
+            raise CheckpointError(f"edit resizes {target!r} to a bad shape {shape!r}")
+        setattr(owner, local, nn.Parameter(torch.zeros(*shape, dtype=old.dtype, device=old.device)))
+        out = model
     elif op == "truncate":
         out = _as_graph_module(model)
         _truncate(out, edit)

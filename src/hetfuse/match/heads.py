@@ -52,30 +52,42 @@ def restrict_to_heads(cols: list[np.ndarray], scores: list[np.ndarray], attentio
     return cols
 
 
-def keeps_heads(out: torch.Tensor, heads: int) -> bool:
-    """Whether a space map (``n_i x r``, producing side) moves whole heads onto whole heads by a permutation."""
+def keeps_heads(out: torch.Tensor, heads: int, *, exact: bool = True) -> bool:
+    """Whether a space map (``n_i x r``, producing side) moves whole heads onto whole heads (each head of model i
+    into one head of the fused network, a different one for each) — with ``exact`` also by a permutation."""
     n, r = out.shape
-    if n != r or n % heads:
+    if n % heads or r % heads:
         return False
     nz = out != 0
-    if not (bool((nz.sum(0) == 1).all()) and bool((nz.sum(1) == 1).all())):
+    if exact and not (n == r and bool((nz.sum(0) == 1).all()) and bool((nz.sum(1) == 1).all())):
         return False
-    d = n // heads
-    blocks = nz.reshape(heads, d, heads, d).any(3).any(1)
-    return bool((blocks.sum(1) == 1).all())
+    blocks = nz.reshape(heads, n // heads, heads, r // heads).any(3).any(1)
+    return bool((blocks.sum(1) == 1).all()) and bool((blocks.sum(0) == 1).all())
 
 
 def attention_notes(graphs, result, target: int) -> list[str]:
     """A note for every attention whose maps do not keep heads whole (soft plans, zip merges, other widths): the
     fused attention then mixes neurons of different heads and is an approximation of the aligned models'."""
-    notes = []
+    mixed: dict[str, list[int]] = {}
+    soft: dict[str, list[int]] = {}
     for att in graphs[target].attention:
-        bad = [i for i in range(len(graphs)) if i != target and not all(
-            keeps_heads(result.maps[i][s].out, att.heads) for s in (att.qk, att.v))]
-        if bad:
-            notes.append(f"attention at '{graphs[target].spaces[att.qk].name}' ({att.heads} heads): the maps of "
-                         f"model(s) {bad} do not move whole heads onto whole heads (merged or soft maps, or other "
-                         "widths), so the fused attention mixes neurons of different heads and approximates the "
-                         "aligned models; the permutation matchers (perm-acts, perm-weights, exact ot-acts / "
-                         "ot-weights) keep heads whole")
+        name = graphs[target].spaces[att.qk].name
+        for i in range(len(graphs)):
+            if i == target:
+                continue
+            if not all(keeps_heads(result.maps[i][s].out, att.heads, exact=False) for s in (att.qk, att.v)):
+                mixed.setdefault(name, []).append(i)
+            elif not all(keeps_heads(result.maps[i][s].out, att.heads) for s in (att.qk, att.v)):
+                soft.setdefault(name, []).append(i)
+    notes = []
+    if mixed:
+        notes.append(f"attention at {', '.join(repr(n) for n in mixed)}: the maps of model(s) "
+                     f"{sorted({i for v in mixed.values() for i in v})} do not move whole heads onto whole heads "
+                     "(merged or soft maps), so the fused attention mixes neurons of different heads and approximates "
+                     "the aligned models; the permutation matchers and ot-acts / ot-weights keep heads whole")
+    if soft:
+        notes.append(f"attention at {', '.join(repr(n) for n in soft)}: heads of model(s) "
+                     f"{sorted({i for v in soft.values() for i in v})} are matched as whole units, but the neurons "
+                     "within them are transported, not permuted (other head sizes or a soft solver): the fused "
+                     "attention approximates the aligned models")
     return notes

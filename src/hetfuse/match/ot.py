@@ -43,15 +43,8 @@ class _OT(NeuronMatcher):
         raise NotImplementedError
 
     def _check_heads(self, ctx: MatchContext, i: int, att) -> None:
-        """Heads stay whole only under a permutation: exact transport between equal widths."""
-        sizes = [(ctx.graphs[i].spaces[s].size, ctx.graphs[ctx.target].spaces[s].size) for s in (att.qk, att.v)]
-        if self.params.solver != "exact" or any(a != b for a, b in sizes):
-            name = ctx.graphs[ctx.target].spaces[att.qk].name
-            raise HetfuseError(
-                f"{self.name}: the attention at '{name}' ({att.heads} heads; query/key and value widths "
-                f"{sizes[0][0]}/{sizes[1][0]} in model {i}, {sizes[0][1]}/{sizes[1][1]} in the target) can be "
-                "matched only by a permutation of whole heads: use the exact solver between equal widths (soft "
-                "transport plans and different widths would mix neurons across heads)")
+        """Heads are transported as whole units (the head layouts are equal: checked by the correspondence)."""
+        return None
 
     def _solve(self, cost):
         return solve_transport(cost, solver=self.params.solver, reg=self.params.regularisation)
@@ -79,7 +72,8 @@ class _OT(NeuronMatcher):
                         pass  # solved with its query/key space
                     elif att is not None:  # the value rows read the stream only, which is aligned by now
                         plans[att.qk], plans[att.v] = _heads_plans([self.cost(ctx, i, att.qk, inn),
-                                                                    self.cost(ctx, i, att.v, inn)], att.heads)
+                                                                    self.cost(ctx, i, att.v, inn)], att.heads,
+                                                                   self._solve)
                     else:
                         plans[s] = self._solve(self.cost(ctx, i, s, inn))
                     inn[s] = plans[s].incoming
@@ -89,24 +83,42 @@ class _OT(NeuronMatcher):
                 plans = iter(plans)
                 plans = [None if s in partner else next(plans) for s in range(ctx.n_spaces)]
                 for att in ctx.graphs[t].attention:
-                    plans[att.qk], plans[att.v] = _heads_plans([ground[att.qk], ground[att.v]], att.heads)
+                    plans[att.qk], plans[att.v] = _heads_plans([ground[att.qk], ground[att.v]], att.heads,
+                                                               self._solve)
             maps.append([SpaceMap(tr.forward, tr.incoming) for tr in plans])
             solvers.append([tr.solver for tr in plans])
             costs.append([tr.cost for tr in plans])
         return MatchResult(widths, maps, {"solvers": solvers, "costs": costs})
 
 
-def _heads_plans(costs: list[torch.Tensor], heads: int) -> list[Transport]:
-    """The transport plans (permutations) of an attention's query/key and value spaces, heads as units."""
-    from .heads import head_structured
+def _heads_plans(costs: list[torch.Tensor], heads: int, solve) -> list[Transport]:
+    """The transport plans of an attention's query/key and value spaces, heads as units: head a of model i goes
+    to head σ(a) of the target, σ the assignment over head pairs whose cost sums the optimal transport costs of
+    their blocks in both spaces; within each pair of heads, that block's transport (``solve``: a permutation
+    between equal head sizes with the exact solver; a plan between different ones, or with Sinkhorn)."""
+    from .assignment import solve_assignment
 
+    arrays = [c.detach().cpu().to(torch.float64).numpy() for c in costs]
+    g = np.zeros((heads, heads))
+    within: dict[tuple[int, int, int], Transport] = {}
+    for k, c in enumerate(arrays):
+        di, dt = c.shape[0] // heads, c.shape[1] // heads
+        for a in range(heads):
+            for b in range(heads):
+                tr = solve(c[a * di:(a + 1) * di, b * dt:(b + 1) * dt])
+                within[k, a, b] = tr
+                g[a, b] += tr.cost
+    order, _ = solve_assignment(g)
     out = []
-    arrays = [c.cpu().numpy() for c in costs]
-    for c, cols in zip(arrays, head_structured(arrays, heads, maximize=False), strict=True):
-        n = len(cols)
-        plan = np.zeros((n, n))
-        plan[np.arange(n), cols] = 1.0 / n
-        out.append(Transport.from_plan(plan, "exact (heads as units)", float(c[np.arange(n), cols].sum() / n)))
+    for k, c in enumerate(arrays):
+        di, dt = c.shape[0] // heads, c.shape[1] // heads
+        plan = np.zeros_like(c)
+        for a in range(heads):
+            b = int(order[a])
+            plan[a * di:(a + 1) * di, b * dt:(b + 1) * dt] = within[k, a, b].forward.numpy() / (dt * heads)
+        name = within[k, 0, int(order[0])].solver
+        cost = float(sum(within[k, a, int(order[a])].cost for a in range(heads)) / heads)
+        out.append(Transport.from_plan(plan, f"{name} (heads as units)", cost))
     return out
 
 
