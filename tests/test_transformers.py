@@ -378,3 +378,20 @@ def test_a_position_embedding_is_resized_with_its_stream(tmp_path):
     again = load_model(tmp_path / "tokens.safetensors", base=Tokens(8))
     with torch.no_grad():
         torch.testing.assert_close(again(ids), res.model(ids))
+
+
+def test_the_command_line_trains_fuses_evaluates_and_reports_vits(tmp_path, capsys):
+    from hetfuse.cli import main
+
+    for depth in (1, 2):
+        assert main(["train", "--arch", f"vit:depth={depth},dim=16,heads=4,patch=4", "--dataset", "digits",
+                     "--epochs", "1", "--seed", str(depth), "--out", str(tmp_path / f"vit{depth}.safetensors"),
+                     "--quiet"]) == 0
+    out = tmp_path / "fused.safetensors"
+    assert main(["fuse", str(tmp_path / "vit1.safetensors"), str(tmp_path / "vit2.safetensors"), "--dataset",
+                 "digits", "--depth-align", "lma", "--match", "perm-acts", "--samples", "100", "--out", str(out),
+                 "--report", str(tmp_path / "rep"), "--quiet"]) == 0
+    assert (tmp_path / "rep" / "index.html").is_file()
+    assert main(["eval", str(out), "--dataset", "digits"]) == 0
+    assert main(["check", str(out), "--image-size", "8"]) == 0
+    assert "OK" in capsys.readouterr().out
