@@ -13,6 +13,7 @@ _API = {
     "fuse": "pipeline", "prepare_fusion": "pipeline", "FusionResult": "pipeline", "PreparedFusion": "pipeline",
     "FusionConfig": "config", "align_depth": "align", "cross_layer_alignment": "align",
     "save_model": "io", "load_model": "io", "methods": "registry", "describe": "graph",
+    "barrier": "barriers", "BarrierResult": "barriers",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -335,6 +335,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true")
     _add_common(p)
 
+    p = sub.add_parser("barrier", help="loss and error barrier along the linear path between two checkpoints",
+                       description="Loss (cross-entropy) and error (1 - accuracy) on the test split along "
+                                   "theta_t = (1 - t) theta_A + t theta_B between the two networks, depth-balanced "
+                                   "and aligned by the pipeline's stages (no repair), and the barriers of Frankle "
+                                   "et al.: max over t of L(theta_t) - ((1 - t) L(theta_A) + t L(theta_B)).")
+    p.add_argument("a", help="checkpoint A (t = 0)")
+    p.add_argument("b", help="checkpoint B (t = 1)")
+    p.add_argument("--points", type=int, default=21, help="evenly spaced values of t from 0 to 1 (default 21, at "
+                                                          "least 3)")
+    _add_method_options(p, stages=("similarity", "depth_align", "balance", "match"))
+    from .registry import methods as _methods
+
+    p.add_argument("--align", dest="match", default=None, choices=list(_methods("match")),
+                   help="neuron matcher that aligns B to A before interpolating (the same as --match; default "
+                        "ot-acts); none: vanilla averaging, no alignment")
+    p.add_argument("--target", type=int, default=None, choices=[0, 1],
+                   help="whose widths and neuron order the path takes (default: the shallower, A if equal)")
+    p.add_argument("--samples", type=int, default=400,
+                   help="alignment samples, drawn at random (with --seed) from the data set's training split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object (loss_barrier, error_barrier, the "
+                                                       "curve ts, loss, error, ...)")
+    p.add_argument("--out", default=None, help="folder for barrier.json, barrier.png and index.html (an HTML page)")
+    p.add_argument("--force", action="store_true", help="overwrite the files of an earlier run in --out")
+    p.add_argument("--allow-pickle", action="store_true")
+    _add_common(p)
+
     p = sub.add_parser("check", help="permutation self-check of a checkpoint's network description")
     p.add_argument("model")
     p.add_argument("--image-size", type=int, default=32, help="height and width of the random test images fed to "
@@ -836,9 +863,56 @@ def cmd_experiment(a) -> int:
     return 0
 
 
+def cmd_barrier(a) -> int:
+    from .barriers import barrier
+    from .data import load_dataset
+    from .train import OutputHead
+
+    out = Path(a.out) if a.out else None
+    if out is not None:
+        _refuse_existing([out / "barrier.json", out / "barrier.png", out / "index.html"], a.force)
+    if a.points < 3:
+        raise HetfuseError(f"--points must be at least 3 (t = 0, 1 and a point between), got {a.points}")
+    if a.samples < 1:
+        raise HetfuseError(f"--samples must be at least 1, got {a.samples}")
+    paths = [a.a, a.b]
+    config = _config_from_args(a, repair="none").validate(2)
+    models, metas = load_models(paths, a.allow_pickle)
+    ds = load_dataset(a.dataset, a.data_root)
+    check_dims(models, ds, paths, metas)
+    head = OutputHead.from_dict(fused_head(metas, ds, paths)["head"], ds.num_classes)
+    res = barrier(models[0], models[1], ds, a.points, config=config, head=head if head.kind != "linear" else None)
+    data = dict(models=paths, dataset=a.dataset, split="test", points=a.points, **res.to_dict(),
+                head=head.to_dict(), config=config.to_dict(),
+                alignment_samples=f"{config.samples} random training images (seed {a.seed})")
+    if out is not None:
+        from .report.figures import plot_barrier
+        from .report.html import write_barrier_report
+
+        out.mkdir(parents=True, exist_ok=True)
+        plot_barrier(data, out / "barrier.png", title=f"{Path(a.a).name} → {Path(a.b).name} ({a.dataset}, "
+                                                        f"matcher {res.match})",
+                     labels=(Path(a.a).name, Path(a.b).name))
+        _atomic_write(out / "barrier.json", json.dumps(data, indent=2) + "\n")
+        write_barrier_report(out, data)
+    if a.json:
+        print(json.dumps(data))
+        return 0
+    embed = "; embedding heads: every class scored, as eval --tasks' joint accuracy" if head.kind == "embed" else ""
+    print(f"{a.a} → {a.b} on the {a.dataset} test split ({res.examples} examples{embed}), {a.points} points, "
+          f"matcher {res.match}: loss barrier {res.loss_barrier:.4f} at t = {res.t_loss:.2f}, error barrier "
+          f"{100 * res.error_barrier:.2f} points at t = {res.t_error:.2f}")
+    for name, i, k in (("A", 0, 0), ("B", 1, -1)):
+        print(f"  {name}: loss {res.model_loss[i]:.4f}, error {100 * res.model_error[i]:.2f}% (aligned endpoint: "
+              f"loss {res.loss[k]:.4f}, error {100 * res.error[k]:.2f}%)")
+    if out is not None:
+        print(f"  curve, figure and page in {out} (index.html)")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "eval": cmd_eval, "check": cmd_check, "demo": cmd_demo,
             "experiment": cmd_experiment, "methods": cmd_methods, "finetune": cmd_finetune, "distill": cmd_distill,
-            "deepen": cmd_deepen, "transfer": cmd_transfer}
+            "deepen": cmd_deepen, "transfer": cmd_transfer, "barrier": cmd_barrier}
 
 
 def main(argv: list[str] | None = None) -> int:

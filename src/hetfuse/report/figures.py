@@ -175,3 +175,47 @@ def plot_matching_costs(report: dict, path: str | Path) -> str | None:
         fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
+
+
+def plot_barrier(result: dict, path: str | Path, *, title: str = "", labels: tuple[str, str] = ("A", "B")) -> str:
+    """The loss and error (%) along the linear path of a barrier (``result``: :meth:`hetfuse.barriers.BarrierResult.
+    to_dict`): each curve with the straight line between its endpoints (dashed), the barrier drawn as a vertical
+    segment at the t where it is reached, and each input network's own value (before alignment) as a cross at
+    t = 0 and t = 1. Returns the file name."""
+    plt = _plt()
+    ts = [float(t) for t in result["ts"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.9))
+    panels = [("loss", "test loss (cross-entropy)", 1.0, "loss_barrier", "t_loss"),
+              ("error", "test error (%)", 100.0, "error_barrier", "t_error")]
+    for ax, (key, ylabel, scale, bkey, tkey) in zip(axes, panels, strict=True):
+        vals = [scale * float(v) for v in result[key]]
+        v0, v1 = vals[0], vals[-1]
+        ax.plot(ts, vals, "o-", color="tab:blue", markersize=4, label="interpolated network")
+        ax.plot([0.0, 1.0], [v0, v1], "--", color="gray", lw=1, label="linear between the endpoints")
+        own = result.get(f"model_{key}")
+        if own:
+            ax.plot([0.0, 1.0], [scale * float(own[0]), scale * float(own[1])], "x", color="tab:red", markersize=8,
+                    markeredgewidth=2, linestyle="none", label="each model's own (before alignment)")
+        t, b = float(result[tkey]), scale * float(result[bkey])
+        if b > 0:
+            chord = (1.0 - t) * v0 + t * v1
+            ax.annotate("", xy=(t, chord + b), xytext=(t, chord),
+                        arrowprops={"arrowstyle": "<->", "color": "tab:orange", "lw": 1.5})
+        unit = "" if key == "loss" else " points"
+        ax.set_title(f"{key} barrier {b:.4g}{unit} at t = {t:.2f}", fontsize=TITLE_FONTSIZE)
+        ax.set_xlabel(f"t (0: {labels[0]}, 1: {labels[1]})")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", fontsize=LEGEND_FONTSIZE, ncol=len(names), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=TITLE_FONTSIZE)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name

@@ -391,5 +391,72 @@ def write_experiment_report(folder: str | Path, title: str | None = None) -> Pat
     return write_page(folder, title, "\n".join(parts))
 
 
-__all__ = ["display_path", "markdown_to_html", "plot_matching_costs", "scrub_paths", "write_experiment_report",
-           "write_fusion_report", "write_page"]
+def write_barrier_report(folder: str | Path, data: dict, *, figure: str | None = "barrier.png") -> Path:
+    """``folder/index.html`` of ``hetfuse barrier … --out DIR``: the two networks (their own loss and error, those of
+    the path's endpoints), the loss and error barriers, the curve's figure and table, the alignment's configuration
+    and depth alignment. ``data``: the ``barrier.json`` the command writes beside it (a
+    :meth:`~hetfuse.barriers.BarrierResult.to_dict` with ``models``, ``dataset``, ``config``)."""
+    from .tables import describe_alignment
+
+    folder = Path(folder)
+    models = [str(p) for p in data.get("models", ["model A", "model B"])]
+    shown = [display_path(p, folder) if p not in ("model A", "model B") else p for p in models]
+    ts, loss, err = data["ts"], data["loss"], data["error"]
+    fusion = data.get("fusion") or {}
+    depths = fusion.get("depths_in") or ["?", "?"]
+    widths = fusion.get("widths_in") or [[], []]
+    own_loss, own_err = data.get("model_loss") or [None, None], data.get("model_error") or [None, None]
+
+    def num(v, digits=4, scale=1.0):
+        return "n/a" if v is None else f"{scale * float(v):.{digits}f}"
+
+    rows = [[f"{'A' if i == 0 else 'B'} (t = {i})", shown[i], depths[i], ", ".join(map(str, widths[i])),
+             num(own_loss[i]), num(own_err[i], 2, 100.0), num([loss[0], loss[-1]][i]),
+             num([err[0], err[-1]][i], 2, 100.0)] for i in range(2)]
+    parts = ["<h2>Networks</h2>",
+             _table(["model", "checkpoint", "depth", "hidden widths", "own loss", "own error (%)", "endpoint loss",
+                     "endpoint error (%)"], rows),
+             f'<p class="note">Measured on {html.escape(str(data.get("dataset", "the data")))}'
+             f'{html.escape(" (" + str(data["split"]) + ")" if data.get("split") else "")}, '
+             f'{int(data.get("examples", 0))} examples'
+             f'{html.escape("; alignment: " + str(data["alignment_samples"]) if data.get("alignment_samples") else "")}'
+             '. "Own": the network as given; "endpoint": the network after '
+             "depth balancing and alignment (t = 0 and t = 1 of the path), equal to its own where the alignment "
+             "moves it exactly (a permutation, identity layers).</p>",
+             "<h2>Barriers</h2>",
+             _table(["measure", "barrier", "at t"],
+                    [["loss (cross-entropy)", num(data["loss_barrier"]), f'{float(data["t_loss"]):.3f}'],
+                     ["error (percentage points)", num(data["error_barrier"], 2, 100.0),
+                      f'{float(data["t_error"]):.3f}']]),
+             '<p class="note">Frankle et al. (2020): barrier = max over t of L(θ_t) − ((1 − t) L(θ_0) + t L(θ_1)), '
+             "θ_t = (1 − t) θ_0 + t θ_1 between the aligned, depth-balanced pair, without repair; the same for the "
+             f"error. {len(ts)} evenly spaced values of t; neuron matcher "
+             f'<code>{html.escape(str(data.get("match", "")))}</code>'
+             + (" (vanilla averaging: no alignment)" if data.get("match") == "none" else "") + ".</p>"]
+    if figure:
+        parts.append(_figures([figure], folder))
+    parts += ["<h2>Curve</h2>",
+              _table(["t", "loss", "loss − linear", "error (%)", "error − linear (points)"],
+                     [[f"{float(t):.3f}", num(lv), num(lv - ((1 - t) * loss[0] + t * loss[-1])), num(ev, 2, 100.0),
+                       num(ev - ((1 - t) * err[0] + t * err[-1]), 2, 100.0)]
+                      for t, lv, ev in zip(ts, loss, err, strict=True)])]
+    config = data.get("config")
+    if config:
+        parts += ["<h2>Alignment</h2>",
+                  _table(["stage", "method", "parameters"],
+                         [[s, st["method"], json.dumps(st.get("params", {}))] for s, st in config["stages"].items()])]
+        changed = [m for m in fusion.get("mappings", []) if m.get("changed")]
+        if changed:
+            parts.append("<p>Depth alignment, shallow unit → deep unit (1-based):</p><ul>"
+                         + "".join(f"<li>{html.escape(describe_alignment(m))}</li>" for m in changed) + "</ul>")
+        else:
+            parts.append("<p>The networks have equal depths: no depth alignment.</p>")
+    if fusion.get("notes"):
+        parts += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{html.escape(str(n))}</li>" for n in fusion["notes"])
+                  + "</ul>"]
+    parts.append('<p class="note">Raw data: <a href="barrier.json">barrier.json</a>.</p>')
+    return write_page(folder, "hetfuse loss barrier", "\n".join(parts))
+
+
+__all__ = ["display_path", "markdown_to_html", "plot_matching_costs", "scrub_paths", "write_barrier_report",
+           "write_experiment_report", "write_fusion_report", "write_page"]
