@@ -144,7 +144,7 @@ def test_class_split_tables_run_on_committed_parents_and_wait_for_missing_ones(t
     # direction 0 (r1 on A + r2 on B) has no hetero row; direction 1 (r2 on A + r1 on B) no homogeneous r2 pair
     assert got == {(0, "Task A"), (0, "Homo Perm"), (1, "Task A"), (1, "Task B"), (1, "Ensemble"), (1, "Perm + LMA")}
     summary = (out / "summary.md").read_text()
-    assert "split 0, direction 0: Perm + LMA (parent cs0B-r2 is not committed yet)" in summary
+    assert "parent cs0B-r2 is not committed yet: " in summary and "Perm + LMA (split 0, direction 0)" in summary
     # the task model rows are the committed parents' own accuracies
     model, head = P.load_parent("cs0A-r2")
     task = next(r for r in rows if r["method"] == "Task A")

@@ -309,7 +309,7 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
                 try:
                     return [get(role, task) for role, task in which]
                 except WaitingForParent as e:
-                    waiting.append(f"split {k}, direction {d_idx}: {label} ({e})")
+                    waiting.append((str(e), k, d_idx, label))
                     return None
 
             tasks = [A, B]
@@ -400,8 +400,11 @@ def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds, waitin
         lines.append(f"| {label} | {fmt_ms(vals['joint'])} | {fmt_ms(vals['task_a'])} | {fmt_ms(vals['task_b'])} | "
                      f"{fmt_ms(vals['per_task_avg'])} | {p[0] if p else ''} | {p[1] if p else ''} |")
     if waiting:
+        missing: dict[str, list[str]] = {}
+        for reason, k, d, label in waiting:
+            missing.setdefault(reason, []).append(f"{label} (split {k}, direction {d})")
         lines += ["", "Not computed yet (their parents are still training; `--resume` fills them in):", "",
-                  *[f"- {w}" for w in waiting]]
+                  *[f"- {reason}: {', '.join(rows_)}" for reason, rows_ in missing.items()]]
     lines += _verdict(rows, labels)
     return "\n".join(lines) + "\n"
 
