@@ -117,3 +117,19 @@ def test_a_fused_hugging_face_model_saves_and_loads(tmp_path):
     save_model(res.model, tmp_path / "fused.safetensors")
     again = load_model(tmp_path / "fused.safetensors", base=_bert(3, 7))  # the class, any weights
     torch.testing.assert_close(_logits(again, x), _logits(res.model, x))
+
+
+def test_hugging_face_models_of_different_widths_and_depths_fuse_into_the_target_widths():
+    def vit(layers, hidden, seed):
+        torch.manual_seed(seed)
+        config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=hidden,
+                                        num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
+                                        num_labels=10, attn_implementation="sdpa")
+        return transformers.ViTForImageClassification(config).eval()
+
+    x = KINDS["vit"][1](32)
+    a, b = vit(1, 16, 0), vit(2, 24, 1)
+    res = fuse([a, b], x, weights=[1.0, 0.0], samples=32, match="ot-acts", repair="none", target=0)
+    out = res.model(x)  # no input model has the fused structure at these widths: the balanced network comes back
+    out = out.logits if hasattr(out, "logits") else out
+    torch.testing.assert_close(out, _logits(a, x), rtol=1e-5, atol=1e-6)

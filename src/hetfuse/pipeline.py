@@ -104,8 +104,9 @@ class PreparedFusion:
             own = copy_.state_dict()
             new = {s.keys[1]: state[s.keys[0]].to(own[s.keys[1]].dtype) for s in slots
                    if s.keys[0] is not None and s.keys[1] is not None}
-            if any(own[k].is_floating_point() and k not in new for k in own):
-                continue  # a tensor of the input model the fused structure does not cover
+            if any(own[k].is_floating_point() and k not in new for k in own) or \
+                    any(tuple(v.shape) != tuple(own[k].shape) for k, v in new.items()):
+                continue  # a tensor of the input model the fused structure does not cover, or of another width
             copy_.load_state_dict({**own, **new})
             with torch.no_grad():
                 x = self.samples[:8]
