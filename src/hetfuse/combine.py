@@ -50,7 +50,11 @@ def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph]
     for i in range(k):
         row_o, row_m = [], []
         for sm in result.maps[i]:
-            o, mass = _normalised_columns(sm.out.to(torch.float64))
+            if result.linear:  # a general linear map (CCA): as it is; the network's share is its weight
+                o = sm.out.to(torch.float64)
+                mass = torch.ones(o.shape[1], dtype=torch.float64, device=o.device)
+            else:
+                o, mass = _normalised_columns(sm.out.to(torch.float64))
             row_o.append(o)
             row_m.append(mass)
         outs.append(row_o)

@@ -81,7 +81,8 @@ class PreparedFusion:
                 std = sum(beta[i][s].to(stats[i][s][1].device) * stats[i][s][1] for i in range(len(w)))
                 return mean, std
 
-            model = method.repair(model, RepairContext(self.graph, self.repair_samples, target_stats))
+            model = method.repair(model, RepairContext(self.graph, self.repair_samples, target_stats,
+                                                       prepared=self, weights=w))
         return unwrap(self._as_input_class(model)).eval()
 
     def _as_input_class(self, model: nn.Module) -> nn.Module:
@@ -273,7 +274,8 @@ def prepare_inputs(models: Sequence[nn.Module], data, config: FusionConfig
     pool = _fit_inputs(pool, graphs[0])
     first = next(iter(models[0].parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    pool = pool.to(device=device, dtype=torch.long if graphs[0].token_input else torch.float32)
+    real = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    pool = pool.to(device=device, dtype=torch.long if graphs[0].token_input else real)  # the models' precision
     x, x_repair = pool[:config.samples], pool[:config.repair_samples]
     from .io.sequential import remember_sequential_base
 

@@ -128,6 +128,20 @@ class LayerOp(OpHandler):
     def identity(self, template: nn.Module, width: int) -> nn.Module:
         raise HetfuseError(f"cannot make an identity layer like a {type(template).__name__}")
 
+    def design(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's input ``x`` as the rows of a linear regression (observations x inputs, such that the layer's
+        output rows are ``design @ solution``): what a least-squares refit of the layer's weights regresses on.
+        None: the layer is not an ungrouped linear map of its input (it is not refitted)."""
+        return None
+
+    def outputs(self, mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output ``y`` as observations x output neurons, in the row order of :meth:`design`."""
+        raise NotImplementedError
+
+    def load_solution(self, mod: nn.Module, solution: torch.Tensor) -> None:
+        """Set the layer's weight from a regression solution (inputs x outputs, as :meth:`design` orders them)."""
+        raise NotImplementedError
+
     def zero(self, mod: nn.Module) -> None:
         """Make the layer output zero for any input (weight and bias 0)."""
         with torch.no_grad():
@@ -176,6 +190,15 @@ class LinearOp(LayerOp):
         t.consume(node, v, f"{node.target}.weight", mod.in_features, block)
         t.produce(node, mod, self.kind, mod.out_features, self._out_members(node.target, mod), v, spatial=False)
 
+    def design(self, mod, x):
+        return x.reshape(-1, mod.in_features)  # N x features or N x tokens x features
+
+    def outputs(self, mod, y):
+        return y.reshape(-1, mod.out_features)
+
+    def load_solution(self, mod, solution):
+        mod.weight.copy_(solution.T.to(mod.weight.dtype))
+
     def identity(self, template, width):
         new = nn.Linear(width, width, bias=template.bias is not None)
         with torch.no_grad():
@@ -217,6 +240,18 @@ class ConvOp(LayerOp):
             raise UnsupportedModelError(f"{where(node, t.modules)}: Conv2d applied to a flat tensor")
         t.consume(node, v, f"{node.target}.weight", mod.in_channels)
         t.produce(node, mod, self.kind, mod.out_channels, self._out_members(node.target, mod), v, spatial=True)
+
+    def design(self, mod, x):
+        if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            return None
+        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N·positions) x (C_in·kh·kw)
+
+    def outputs(self, mod, y):
+        return y.movedim(1, -1).reshape(-1, mod.out_channels)
+
+    def load_solution(self, mod, solution):
+        mod.weight.copy_(solution.T.reshape(mod.weight.shape).to(mod.weight.dtype))
 
     def identity(self, template, width):
         new = nn.Conv2d(width, width, kernel_size=3, padding=1, bias=template.bias is not None)

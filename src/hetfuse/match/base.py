@@ -45,12 +45,15 @@ class MatchResult:
     ``info``: JSON-able details (``solvers[i][s]``: how each map was found). ``assemble``: for a matcher whose
     result is another kind of network than the target's (partial zipping: a multi-head network), a callable
     ``assemble(prepared, fused, repair_method) -> nn.Module`` that builds it from the combined network; None
-    otherwise."""
+    otherwise. ``linear``: the ``out`` maps are general linear maps (CCA), applied as they are — no column
+    normalisation, every network's share of every fused neuron is its weight — and ``inn`` is what undoes them
+    (``inn = pinv(out)ᵀ``); False for the non-negative maps of every other matcher."""
 
     widths: list[int]
     maps: list[list[SpaceMap]]
     info: dict = field(default_factory=dict)
     assemble: object = None
+    linear: bool = False
 
 
 @dataclass

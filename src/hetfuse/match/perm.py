@@ -36,11 +36,52 @@ def permutation_map(cols: np.ndarray | torch.Tensor) -> SpaceMap:
     return SpaceMap(m, m.clone())
 
 
+def partial_maps(cols: list[list[np.ndarray] | None], scores: list[list[np.ndarray] | None], widths: list[int],
+                 budget: float, keep: set[int]) -> tuple[list[int], list[list[SpaceMap]], list[list[int]]]:
+    """Permutation matches onto the target with a width budget (PLeaS' partial matching): in every space not in
+    ``keep``, each non-target network's ``round((budget - 1) · n)`` worst-matched neurons (lowest score with their
+    partner) are kept apart — each gets a fused neuron of its own after the target's ``n`` — instead of being
+    averaged with their partner. ``cols[i]`` / ``scores[i]``: network i's assignment and score matrix per space
+    (None for the target). The fused width of a space is ``n · (1 + (K - 1)(budget - 1))``; at budget 2 nothing is
+    averaged and the fused network computes the weighted mean of the matched networks' outputs. Returns the fused
+    widths, the maps and, per network, how many neurons each space keeps apart."""
+    k = len(cols)
+    extra = [[0] * len(widths) if cols[i] is None else
+             [0 if s in keep else min(n, round((budget - 1.0) * n)) for s, n in enumerate(widths)] for i in range(k)]
+    fused = [n + sum(extra[i][s] for i in range(k)) for s, n in enumerate(widths)]
+    maps: list[list[SpaceMap]] = []
+    for i in range(k):
+        row = []
+        for s, n in enumerate(widths):
+            m = torch.zeros(n, fused[s], dtype=torch.float64)
+            if cols[i] is None:
+                m[torch.arange(n), torch.arange(n)] = 1.0
+            else:
+                c = np.asarray(cols[i][s]).copy()
+                if extra[i][s]:
+                    quality = scores[i][s][np.arange(n), c]
+                    apart = np.argsort(quality, kind="stable")[:extra[i][s]]
+                    start = n + sum(extra[j][s] for j in range(i))
+                    c[np.sort(apart)] = start + np.arange(extra[i][s])
+                m[torch.arange(n), torch.as_tensor(c)] = 1.0
+            row.append(SpaceMap(m, m.clone()))
+        maps.append(row)
+    return fused, maps, extra
+
+
 @dataclass
 class PermActsParams:
     features: Literal["pre", "post"] = field(default="pre", metadata={
         "help": "correlate pre-activations (default: every neuron varies, so a permutation is identifiable) or the "
                 "values after the ReLU (dead neurons then tie)"})
+    budget: float = field(default=1.0, metadata={
+        "help": "fused width relative to the target (1 to 2): each other model keeps its (budget-1)·n worst-matched "
+                "neurons of every space apart instead of averaging them (attention heads excepted); 2 averages "
+                "nothing (the matched models' ensemble); pair with repair=lsq (PLeaS)"})
+
+    def check(self) -> None:
+        if not 1.0 <= self.budget <= 2.0:
+            raise HetfuseError(f"perm-acts: budget must be between 1 and 2, got {self.budget}")
 
 
 @register
@@ -55,20 +96,26 @@ class PermActs(NeuronMatcher):
         widths = _equal_widths(ctx, self.name)
         st = ctx.statistics("target", post=self.params.features == "post")
         t = ctx.target
-        maps, solvers = [], []
+        attention = ctx.graphs[t].attention
+        heads = {s for a in attention for s in (a.qk, a.v)}
+        all_cols, all_corr, solvers = [], [], []
         for i in range(ctx.n_models):
             if i == t:
-                maps.append([SpaceMap.identity(n) for n in widths])
+                all_cols.append(None)
+                all_corr.append(None)
                 solvers.append(["identity"] * len(widths))
                 continue
             corr = [st.correlation(i, t, s).cpu().numpy() for s in range(ctx.n_spaces)]
             found = parallel_map(lambda c: solve_assignment(c, maximize=True), corr)
-            attention = ctx.graphs[t].attention
-            cols = restrict_to_heads([c for c, _ in found], corr, attention)
-            maps.append([permutation_map(c) for c in cols])
-            heads = {s for a in attention for s in (a.qk, a.v)}
+            all_cols.append(restrict_to_heads([c for c, _ in found], corr, attention))
+            all_corr.append(corr)
             solvers.append([name + (" (heads as units)" if s in heads else "") for s, (_, name) in enumerate(found)])
-        return MatchResult(widths, maps, {"solvers": solvers})
+        if self.params.budget == 1.0:
+            maps = [[SpaceMap.identity(n) for n in widths] if c is None else [permutation_map(p) for p in c]
+                    for c in all_cols]
+            return MatchResult(widths, maps, {"solvers": solvers})
+        fused, maps, apart = partial_maps(all_cols, all_corr, widths, self.params.budget, heads)
+        return MatchResult(fused, maps, {"solvers": solvers, "kept_apart": apart})
 
 
 @dataclass

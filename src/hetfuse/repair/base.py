@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,8 @@ class RepairContext:
     x: torch.Tensor
     target_stats: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # space -> (mean, std), fused basis
     notes: list[str] = field(default_factory=list)
+    prepared: Any = None  # the PreparedFusion (aligned parents, shares), for repairs that read the parents' layers
+    weights: list[float] | None = None  # the normalised fusion weights
 
 
 class Repair(Method):

@@ -1,0 +1,262 @@
+"""Least-squares refit after matching (PLeaS, Nasery et al., CVPR 2025): one-shot, no gradient steps.
+
+After the matcher has put every network's neurons into the fused neuron spaces, each fused layer's weights are
+set, layer by layer from the input, by the ridge-regularised least-squares solution that makes the fused layer's
+output — computed on the fused network's own inputs to that layer, i.e. with every earlier layer already refitted —
+reproduce the **weighted combination of the parents' matched features**:
+
+    Y = Σ_i β_i ⊙ Y_i,     W = argmin ‖[X 1] W − Y‖² + λ ‖W − W₀‖²   (the bias column not regularised)
+
+``Y_i`` is network i's output of the same layer after its neurons were moved into the fused basis (the aligned
+network of :meth:`~hetfuse.pipeline.PreparedFusion.aligned_model`), ``β_i`` its share of each fused neuron (its
+weight where the matching is a permutation; zero where it has no member, so a neuron kept apart by a width budget
+is fitted to its own parent's feature), ``X`` the fused network's input to the layer, ``W₀`` the combined weights
+(the merge itself): the ridge pulls toward the merge where the samples do not determine the weights, and a merge
+that already reproduces the targets (a network fused with a permuted copy of itself) is kept exactly. The ridge
+``λ`` is ``ridge`` times the mean diagonal of ``XᵀX``.
+
+Why that target: it is what the averaged weights approximate — the fused neuron of matched neurons is meant to
+compute their weighted mean — so the refit removes the error of averaging weights (the interference between
+neurons that matched imperfectly) without changing what the merge is; at the output layer it is the weighted mean
+of the parents' logits, the ensemble's prediction. Errors do not compound, because each layer is fitted on the
+inputs that the already refitted layers produce.
+
+Which layers: every layer whose op can state its input as a regression design (Linear and ungrouped Conv2d, see
+:meth:`hetfuse.graph.ops.LayerOp.design`) and that the network calls as a module. A Conv/Linear followed directly by
+its BatchNorm is fitted at the BatchNorm's output (the target moved back through the BatchNorm's affine map in eval
+mode), a bias-free layer's bias then going into the BatchNorm's running mean; other bias-free layers get a bias
+(recorded as an edit). Depthwise convolutions, normalisation layers and embeddings keep the merged values; where
+the network has BatchNorm, its statistics are reset on the samples first (``bn-reset``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import HetfuseError
+from ..graph.ops import layer_op
+from ..registry import register
+from .base import Repair, has_batchnorm
+
+DESIGN_BYTES = 128 << 20  # one batch's regression rows at most
+
+
+class _Stop(Exception):
+    """Raised by a hook once the value it waits for is read: the rest of the forward pass is not needed."""
+
+
+@dataclass
+class LsqParams:
+    ridge: float = field(default=1e-4, metadata={
+        "help": "ridge toward the merged weights, relative to the mean diagonal of the layer inputs' Gram matrix"})
+    fit_samples: int | None = field(default=None, metadata={
+        "help": "fit on the first this many repair samples (default: all of them; see repair_samples)"})
+
+    def check(self) -> None:
+        if not self.ridge >= 0:
+            raise HetfuseError(f"lsq: ridge must be >= 0, got {self.ridge}")
+        if self.fit_samples is not None and self.fit_samples < 2:
+            raise HetfuseError(f"lsq: fit_samples must be >= 2, got {self.fit_samples}")
+
+
+def _read(model: nn.Module, name: str, x: torch.Tensor, *, inputs: bool) -> torch.Tensor:
+    """The input (``inputs``) or output of submodule ``name`` when ``model`` runs on ``x``."""
+    mod = model.get_submodule(name)
+    got: list[torch.Tensor] = []
+
+    def pre(_m, args):
+        got.append(args[0].detach())
+        raise _Stop
+
+    def post(_m, _args, out):
+        got.append(out.detach())
+        raise _Stop
+
+    handle = mod.register_forward_pre_hook(pre) if inputs else mod.register_forward_hook(post)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise HetfuseError(f"lsq: module '{name}' was not called by the network's forward pass")
+    return got[0]
+
+
+def _following_norm(graph, info) -> str | None:
+    """The BatchNorm module that alone reads ``info``'s output (a Conv/Linear + BatchNorm pair), if any."""
+    node = next((n for n in graph.gm.graph.nodes if n.name == info.node), None)
+    if node is None or len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module":
+        return None
+    norm = next((m for m in graph.modules if m.name == user.target and m.kind == "norm"), None)
+    return norm.name if norm is not None else None
+
+
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, c) of an eval-mode BatchNorm: y = a·z + c per channel."""
+    var, mean = bn.running_var.to(torch.float64), bn.running_mean.to(torch.float64)
+    a = 1.0 / torch.sqrt(var + bn.eps)
+    c = -mean * a
+    if bn.weight is not None:
+        a, c = a * bn.weight.to(torch.float64), c * bn.weight.to(torch.float64)
+    if bn.bias is not None:
+        c = c + bn.bias.to(torch.float64)
+    return a, c
+
+
+def _add_biases(model: nn.Module, names: list[str]) -> nn.Module:
+    """``model`` with a zero bias in each named bias-free layer (each addition recorded as an edit)."""
+    from ..graph.rewrite import apply_edit, module_spec
+
+    for name in names:
+        lin = model.get_submodule(name)
+        args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in module_spec(lin)["args"].items()
+                if k != "bias"}
+        new = type(lin)(**args, bias=True).to(device=lin.weight.device, dtype=lin.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(lin.weight)
+            new.bias.zero_()
+        model = apply_edit(model, {"op": "replace_module", "target": name, "module": module_spec(new)}, {name: new})
+    return model
+
+
+def _batch_size(n_rows_per_sample: int, width: int, n: int) -> int:
+    return max(1, min(n, DESIGN_BYTES // max(1, n_rows_per_sample * (width + 1) * 8)))
+
+
+@torch.no_grad()
+def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None = None) -> tuple[nn.Module, dict]:
+    """Refit ``model``'s layers (see the module docstring); returns the model and per-layer details."""
+    from ..combine import _shares_along, shares
+
+    prepared = ctx.prepared
+    if prepared is None or ctx.weights is None:
+        raise HetfuseError("repair='lsq' needs the prepared fusion (the aligned parents): run it through hetfuse.fuse "
+                           "or PreparedFusion.combine")
+    graph, w = ctx.graph, list(ctx.weights)
+    x = ctx.x if samples is None else ctx.x[:samples]
+    parents = [prepared.aligned_model(i).eval() for i in range(len(w))]
+    beta = shares(prepared.aligned, w)
+    weight_slot = {(s.module, s.param): si for si, s in enumerate(prepared.aligned.slots)}
+    if has_batchnorm(model):
+        from .bn_reset import reset_batchnorm
+
+        reset_batchnorm(model, x)
+    model.eval()
+    own = dict(model.named_modules())
+    layers = []
+    for mi, info in enumerate(graph.modules):
+        if info.kind == "param" or info.name not in own or (mi, "weight") not in weight_slot:
+            continue
+        op = layer_op(info.kind)
+        layers.append((mi, info, op, _following_norm(graph, info)))
+    missing_bias = [info.name for _, info, _, norm in layers
+                    if norm is None and getattr(own[info.name], "bias", "absent") is None]
+    if missing_bias:
+        model = _add_biases(model, missing_bias)
+    dev = next(iter(model.parameters())).device
+    x = x.to(dev)
+    details = []
+    for mi, info, op, norm in layers:
+        mod = model.get_submodule(info.name)
+        try:
+            first = _read(model, info.name, x[:1], inputs=True)
+        except HetfuseError:
+            details.append({"layer": info.name, "refit": False, "why": "not called as a module"})
+            continue
+        probe = op.design(mod, first.to(torch.float64))
+        if probe is None:
+            details.append({"layer": info.name, "refit": False, "why": "not an ungrouped linear map"})
+            continue
+        si = weight_slot[(mi, "weight")]
+        n_out = mod.weight.shape[0]
+        producing = prepared.aligned.producing[si]
+        b = [(_shares_along(n_out, producing, beta[i], w[i]) if producing
+              else torch.full((n_out,), float(w[i]), dtype=torch.float64)).to(dev) for i in range(len(w))]
+        read_at = info.name
+        affine = None
+        if norm is not None:
+            a, c = _bn_affine(model.get_submodule(norm))
+            if bool((a.abs() > 1e-8).all()):
+                read_at, affine = norm, (a.to(dev), c.to(dev))
+        d = probe.shape[1]
+        gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev)
+        cross = torch.zeros(d + 1, n_out, dtype=torch.float64, device=dev)
+        bs = _batch_size(probe.shape[0], d, x.shape[0])
+        for start in range(0, x.shape[0], bs):
+            xb = x[start:start + bs]
+            design = op.design(mod, _read(model, info.name, xb, inputs=True).to(torch.float64))
+            design = torch.cat([design, torch.ones(design.shape[0], 1, dtype=design.dtype, device=dev)], 1)
+            target = sum(b[i] * op.outputs(mod, _read(p, read_at, xb, inputs=False).to(torch.float64))
+                         for i, p in enumerate(parents))
+            if affine is not None:  # the BatchNorm's output -> the layer's output
+                target = (target - affine[1]) / affine[0]
+            gram += design.T @ design
+            cross += design.T @ target
+        w0 = torch.cat([_current_solution(op, mod, d), _current_bias(mod, n_out, dev)[None]], 0)
+        lam = ridge * float(gram[:d, :d].diagonal().mean()) if d else 0.0
+        reg = torch.ones(d + 1, dtype=torch.float64, device=dev)
+        reg[-1] = 0.0
+        lhs = gram + lam * torch.diag(reg)
+        rhs = cross - gram @ w0
+        if lam > 0:
+            try:
+                delta = torch.linalg.solve(lhs, rhs)
+            except RuntimeError:
+                delta = torch.linalg.pinv(lhs, hermitian=True) @ rhs
+        else:
+            delta = torch.linalg.pinv(lhs, hermitian=True) @ rhs
+        sol = w0 + delta
+        before = float(((gram @ w0 - 2 * cross) * w0).sum())
+        after = float(((gram @ sol - 2 * cross) * sol).sum())
+        op.load_solution(mod, sol[:d])
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.copy_(sol[d].to(mod.bias.dtype))
+        elif affine is not None:  # a bias-free conv + BatchNorm: the bias moves into the running mean
+            bn = model.get_submodule(norm)
+            bn.running_mean.copy_((bn.running_mean.to(torch.float64) - sol[d]).to(bn.running_mean.dtype))
+        details.append({"layer": info.name, "refit": True, "at": read_at, "inputs": d,
+                        "observations": int(gram[d, d]), "ridge": lam,
+                        "objective_reduction": before - after})
+    return model.eval(), {"layers": details}
+
+
+def _current_solution(op, mod: nn.Module, d: int) -> torch.Tensor:
+    """The layer's current weight as a regression solution (inputs x outputs)."""
+    wt = mod.weight.detach().to(torch.float64)
+    return wt.reshape(wt.shape[0], -1).T.reshape(d, -1)
+
+
+def _current_bias(mod: nn.Module, n_out: int, dev) -> torch.Tensor:
+    bias = getattr(mod, "bias", None)
+    if bias is None:
+        return torch.zeros(n_out, dtype=torch.float64, device=dev)
+    return bias.detach().to(torch.float64)
+
+
+@register
+class LeastSquares(Repair):
+    rank = 4
+    name = "lsq"
+    description = ("least squares after matching: refit every Linear/Conv layer, from the input on, so that on the "
+                   "fused network's own inputs it reproduces the weighted mean of the parents' matched features "
+                   "(ridge toward the merge)")
+    reference = "PLeaS (Nasery et al., CVPR 2025)"
+    Params = LsqParams
+
+    def repair(self, model, ctx):
+        model, details = lsq_refit(model, ctx, ridge=self.params.ridge, samples=self.params.fit_samples)
+        refit = [d["layer"] for d in details["layers"] if d["refit"]]
+        if not refit:
+            raise HetfuseError("repair='lsq' found no Linear/Conv layer it can refit")
+        skipped = [f"{d['layer']} ({d['why']})" for d in details["layers"] if not d["refit"]]
+        if skipped:
+            ctx.notes.append("lsq kept the merged weights of " + ", ".join(skipped))
+        return model
