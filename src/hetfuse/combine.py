@@ -77,6 +77,8 @@ def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph]
             for s, ax in slot_axes(graphs[i], slot, i):
                 sm = result.maps[i][s]
                 mat = outs[i][s] if ax.role == "out" else sm.inn.to(torch.float64)
+                if result.linear and slot.param == "running_var":  # a variance mixes with squared weights (>= 0;
+                    mat = mat * mat                                  # exact for a permutation)
                 t = transform_axis(t, ax, mat.to(t.device))
             tensors[i].append(t)
     return AlignedNetworks(slots, tensors, producing, masses, integer)

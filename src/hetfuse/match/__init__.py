@@ -6,9 +6,10 @@ from .transport import SOLVERS, Transport, ground_cost, solve_transport
 from .assignment import solve_assignment  # noqa: I001
 from .ot import OTActs, OTWeights  # registration order = the order of the docs and the CLI
 from .perm import PermActs, PermWeights
+from .cca import CCA
 from .zip import ElasticZip, Zip, greedy_zip
 from .vanilla import Vanilla
 
-__all__ = ["ElasticZip", "MatchContext", "MatchResult", "NeuronMatcher", "OTActs", "OTWeights", "PermActs",
+__all__ = ["CCA", "ElasticZip", "MatchContext", "MatchResult", "NeuronMatcher", "OTActs", "OTWeights", "PermActs",
            "PermWeights", "SOLVERS", "SpaceMap", "Transport", "Vanilla", "Zip", "greedy_zip",
            "ground_cost", "solve_assignment", "solve_transport"]
