@@ -203,6 +203,39 @@ def test_skill_transfer_methods_smoke(digits, tmp_path):
     assert {r["match"] for r in rows if r["note"] == ""} >= {"ot-acts", "elastic-zip"}
 
 
+def test_gap_settings_report_the_gap_before_and_after(digits, tmp_path):
+    from hetfuse.experiments.class_split import MNIST_RECIPE, Method, Setting, gap_grid, run_class_split, settings
+
+    assert {m.label for m in settings("gap-mnist").methods} == {m.label for m in gap_grid()}
+    setting = Setting("gap-mnist", "digits", {"a": "mlp:24,24", "b": "mlp:24,24,24"},
+                      [([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])], 2, dict(MNIST_RECIPE, lr=0.05, momentum=0.9),
+                      [Method("Perm + LMA", "hetero", "lma", "perm-acts"),
+                       Method("Perm + LMA + LSQ", "hetero", "lma", "perm-acts", {"repair": "lsq"}, new=True),
+                       Method("Perm + LMA + LSQ 1.5x", "hetero", "lma", "perm-acts",
+                              {"repair": "lsq", "budget": 1.5}, new=True),
+                       Method("Perm + LMA + LSQ, 30 samples", "hetero", "lma", "perm-acts",
+                              {"repair": "lsq", "samples": 30}, new=True)])
+    out = tmp_path / "gap"
+    rows = run_class_split("gap-mnist", out_dir=out, dataset=digits, setting=setting, samples=60, progress=False,
+                           cache=tmp_path / "cache", command="hetfuse experiment class-split-gap-mnist")
+    assert all(r["joint"] == r["joint"] for r in rows)  # every row computed (no NaN)
+    text = (out / "summary.md").read_text()
+    assert "| best existing method | Perm + LMA |" in text
+    assert "| best new method, 1x width | Perm + LMA + LSQ" in text and "1.5x |" not in text.split("1x width")[1][:40]
+
+
+def test_skill_transfer_gap_grid_smoke(digits, tmp_path):
+    from hetfuse.experiments import run_skill_methods
+
+    grid = [("cla", "ot-acts", {}), ("cla", "ot-acts", {"repair": "lsq"})]
+    rows = run_skill_methods(seeds=[0], out_dir=tmp_path / "sg", epochs=1, samples=50, progress=False, dataset=digits,
+                             hidden_a=[24, 16], hidden_b=[24, 20, 12], cache=tmp_path / "cache", wb_grid=(0.1, 0.5),
+                             grid=grid)
+    assert {r["match"] for r in rows} == {"ot-acts", "ot-acts + lsq"}
+    text = (tmp_path / "sg" / "summary.md").read_text()
+    assert "| cla | ot-acts + lsq |" in text and "− best parent:" in text
+
+
 @pytest.mark.parametrize("table", [1, 2, 3, 4])
 def test_clafusion_tables_smoke(table, tmp_path):
     """Every table end to end on a tiny fake CIFAR with tiny networks; rows, summary with the paper's numbers,

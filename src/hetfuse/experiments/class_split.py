@@ -69,6 +69,7 @@ class Method:
     depth_align: str = "cla"
     match: str = "ot-acts"
     params: dict = field(default_factory=dict)
+    new: bool = False       # a method of the "closing the gap" issue (lsq, budgets, cca, preserve)
 
 
 def paper_grid() -> list[Method]:
@@ -102,6 +103,38 @@ def methods_grid(homogeneous: bool = True) -> list[Method]:
                                                      ("Weights", "perm-weights"), ("Zip", "zip")]):
         rows.append(Method(f"{label} + {align.upper()}", "hetero", align, match))
     rows.append(Method("Avg + CLA", "hetero", "cla", "none"))
+    return rows
+
+
+def gap_grid(*, cifar: bool = False) -> list[Method]:
+    """Closing the gap to the ensemble: the best existing one-shot rows beside least squares after matching
+    (``lsq``, with perm-acts' width budgets 1.2 and 1.5), CCA merging and preserved early layers, on the same
+    parents; a samples sweep (100 / 2000 alignment samples) for the least-squares rows. On CIFAR-10 the least-
+    squares fit reads 500 of the repair samples (``fit_samples``: each fit runs every model up to the layer)."""
+    lsq = {"repair": "lsq", **({"fit_samples": 500} if cifar else {})}
+    rows = [Method("Homo Perm", "homo", match="perm-acts"), Method("Homo Zip", "homo", match="zip"),
+            Method("CLAFusion", "hetero", "cla", "ot-acts"), Method("Perm + LMA", "hetero", "lma", "perm-acts"),
+            Method("Zip + LMA", "hetero", "lma", "zip"),
+            Method("Homo Perm + LSQ", "homo", match="perm-acts", params=lsq, new=True),
+            Method("Homo Perm + LSQ 1.2x", "homo", match="perm-acts", params={**lsq, "budget": 1.2}, new=True),
+            Method("Homo Perm + LSQ 1.5x", "homo", match="perm-acts", params={**lsq, "budget": 1.5}, new=True),
+            Method("Homo Zip + LSQ", "homo", match="zip", params=lsq, new=True),
+            Method("Homo CCA", "homo", match="cca", new=True),
+            Method("Homo CCA + LSQ", "homo", match="cca", params=lsq, new=True),
+            Method("Homo Perm, preserve 1", "homo", match="perm-acts", params={"preserve_until": 1}, new=True),
+            Method("Perm + LMA + LSQ", "hetero", "lma", "perm-acts", params=lsq, new=True),
+            Method("Perm + LMA + LSQ 1.2x", "hetero", "lma", "perm-acts", params={**lsq, "budget": 1.2}, new=True),
+            Method("Perm + LMA + LSQ 1.5x", "hetero", "lma", "perm-acts", params={**lsq, "budget": 1.5}, new=True),
+            Method("Zip + LMA + LSQ", "hetero", "lma", "zip", params=lsq, new=True),
+            Method("CLAFusion + LSQ", "hetero", "cla", "ot-acts", params=lsq, new=True),
+            Method("CCA + LMA", "hetero", "lma", "cca", new=True),
+            Method("CCA + LMA + LSQ", "hetero", "lma", "cca", params=lsq, new=True),
+            Method("Perm + LMA, preserve 1", "hetero", "lma", "perm-acts", params={"preserve_until": 1}, new=True)]
+    if not cifar:
+        rows += [Method(f"Perm + LMA + LSQ, {n} samples", "hetero", "lma", "perm-acts", params={**lsq, "samples": n},
+                        new=True) for n in (100, 2000)]
+        rows += [Method(f"Homo Perm + LSQ, {n} samples", "homo", match="perm-acts", params={**lsq, "samples": n},
+                        new=True) for n in (100, 2000)]
     return rows
 
 
@@ -172,10 +205,18 @@ def settings(name: str, *, epochs: int | None = None, width: float | None = None
                        "50+50: its columns beside ours are its ResNet26 x4 (beside Task A), x8 (beside Task B) and "
                        "their elastic zip, and our rows average both directions (narrow model on task A, then wide "
                        "model on task A)", embed_scale=CIFAR_EMBED_SCALE)
+    if name == "gap-mnist":
+        base = settings("mnist", epochs=epochs, splits=splits)
+        base.name, base.methods, base.width_pair = "gap-mnist", gap_grid(), None
+        return base
+    if name == "gap-converged-resnet":
+        base = _converged("converged-resnet", splits or 1)
+        base.name, base.methods, base.family = "gap-converged-resnet", gap_grid(cifar=True), "resnet"
+        return base
     if name.startswith("converged-"):
         return _converged(name, splits)
     raise HetfuseError(f"unknown class-split setting {name!r}; known: mnist, cifar-resnet, cifar-vgg, width, "
-                       "converged-resnet, converged-vgg, converged-width")
+                       "converged-resnet, converged-vgg, converged-width, gap-mnist, gap-converged-resnet")
 
 
 def _converged(name: str, splits: int | None) -> Setting:
@@ -329,9 +370,10 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
                 pair_models, ha = [got[0][0], got[1][0]], got[0][1]
                 params = dict(m.params)
                 target = params.pop("target", None)
+                n_samples = params.pop("samples", samples)
                 t0 = time.perf_counter()
                 try:
-                    cfg = FusionConfig(depth_align=m.depth_align, match=m.match, samples=samples, seed=seed,
+                    cfg = FusionConfig(depth_align=m.depth_align, match=m.match, samples=n_samples, seed=seed,
                                        target=target, **params)
                     fused = prepare_fusion(pair_models, x_train, cfg).combine()
                     metrics = model_task_metrics(fused, ha, x_test, ds.y_test, tasks)
@@ -406,7 +448,37 @@ def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds, waitin
         lines += ["", "Not computed yet (their parents are still training; `--resume` fills them in):", "",
                   *[f"- {reason}: {', '.join(rows_)}" for reason, rows_ in missing.items()]]
     lines += _verdict(rows, labels)
+    new = {m.label for m in setting.methods if m.new}
+    if new:
+        wide = {m.label for m in setting.methods if m.params.get("budget", 1.0) > 1.0}
+        lines += _gap(rows, labels, new, wide)
     return "\n".join(lines) + "\n"
+
+
+def _gap(rows: list[dict], labels: list[str], new: set[str], wide: set[str]) -> list[str]:
+    """Before / after: the best existing and the best new one-shot merge, each against the ensemble, at 1x width
+    and over all."""
+    ens = _joint(rows, "Ensemble")
+    if not ens:
+        return []
+    e = mean_std(ens)[0]
+    merges = [lb for lb in labels if lb not in ("Task A", "Task B", "Ensemble") and _joint(rows, lb)]
+
+    def best(pool):
+        pool = [lb for lb in pool if _joint(rows, lb)]
+        return max(pool, key=lambda lb: mean_std(_joint(rows, lb))[0]) if pool else None
+
+    old_best = best([lb for lb in merges if lb not in new])
+    new_best = best([lb for lb in merges if lb in new])
+    one_x = best([lb for lb in merges if lb in new and lb not in wide])
+    out = ["", "Gap to the ensemble's joint accuracy (" + f"{e:.2f}" + "), before and after:", "",
+           "| | method | joint | gap to the ensemble |", "|---|---|---|---|"]
+    for what, lb in (("best existing method", old_best), ("best new method, 1x width", one_x),
+                     ("best new method, any width", new_best)):
+        if lb is not None:
+            m = mean_std(_joint(rows, lb))[0]
+            out.append(f"| {what} | {lb} | {fmt_ms(_joint(rows, lb))} | {e - m:.2f} |")
+    return out
 
 
 def _joint(rows: list[dict], label: str) -> list[float]:
