@@ -83,4 +83,4 @@ def test_every_registered_method_is_documented_and_buildable():
             cls = get_method(fam["family"], m["name"])
             if m["name"] != "fixed":
                 cls()  # defaults are valid
-    assert list(methods("repair")) == ["auto", "bn-reset", "repair", "none"]
+    assert list(methods("repair")) == ["auto", "bn-reset", "repair", "none", "lsq"]

@@ -144,11 +144,15 @@ def barrier(a: nn.Module, b: nn.Module, data, points: int = 21, *, align: str | 
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise HetfuseError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")
+    from .branches import MultiBranch
     from .multihead import MultiHead
 
     if any(isinstance(m, MultiHead) for m in models):
         raise HetfuseError("a multi-head network (a partial zip) gives one output per head; the barrier "
                            "is measured between single-output networks")
+    if any(isinstance(m, MultiBranch) for m in models):
+        raise HetfuseError("a multi-branch network (preserve_until: one branch per model) has no single set of "
+                           "parameters to interpolate; the barrier is measured between plain networks")
     x, y, default_align = _labelled(data)
     y = y.reshape(-1).long().cpu()
     graphs = []

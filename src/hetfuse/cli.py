@@ -27,7 +27,8 @@ def _add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
     p.add_argument("--verbose", action="store_true", help="with an error, also print its details")
 
 
-_RESERVED = {"weights", "target", "samples", "repair_samples", "seed", "progress", "mapping"}
+_RESERVED = {"weights", "target", "samples", "repair_samples", "seed", "progress", "mapping", "preserve_until",
+             "preserve_renorm"}
 
 
 def _method_params(families=None) -> dict[str, tuple]:
@@ -50,6 +51,12 @@ def _method_params(families=None) -> dict[str, tuple]:
 
 
 _STAGES = ("similarity", "depth_align", "balance", "match", "repair")
+
+
+def _names(family: str) -> list[str]:
+    from .registry import methods
+
+    return list(methods(family))
 
 
 def _add_method_options(p: argparse.ArgumentParser, stages=_STAGES) -> None:
@@ -80,11 +87,16 @@ def _add_method_options(p: argparse.ArgumentParser, stages=_STAGES) -> None:
                             "elsewhere); --repair alone = auto")
         p.add_argument("--no-repair", dest="repair", action="store_const", const="none",
                        help="same as --repair none")
+    from .registry import get_method, param_infos
+
     for name, (info, users) in _method_params(stages).items():
         flag = "--" + name.replace("_", "-")
-        used = ", ".join(users)
-        default = info.default
-        helptext = f"{info.help} [{used}; default {default}]"
+        variants: dict[tuple, list[str]] = {}  # methods that share a parameter name may mean different things by it
+        for user in users:
+            cls = next(get_method(f, user) for f in stages if user in _names(f))
+            own = next(i for i in param_infos(cls) if i.name == name)
+            variants.setdefault((own.help, str(own.default)), []).append(user)
+        helptext = "; ".join(f"{h} [{', '.join(us)}; default {d}]" for (h, d), us in variants.items())
         if info.annotation is bool:
             p.add_argument(flag, dest=f"param_{name}", action=argparse.BooleanOptionalAction, default=None,
                            help=helptext)
@@ -144,6 +156,9 @@ def _config_from_args(a, weights=None, **fixed):
                 depth_align=depth, balance=getattr(a, "balance", None), match=getattr(a, "match", None),
                 repair=getattr(a, "repair", None), samples=a.samples,
                 repair_samples=getattr(a, "repair_samples", 2000), seed=a.seed, progress=not a.quiet)
+    for run_option in ("preserve_until", "preserve_renorm"):  # fuse's: given only where the command has the flag
+        if getattr(a, run_option, None) is not None:
+            opts[run_option] = getattr(a, run_option)
     opts.update(fixed)
     return FusionConfig(**opts, **params)
 
@@ -253,6 +268,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repair-samples", type=int, default=2000,
                    help="samples for the repair statistics (default 2000, or the whole training split if smaller)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preserve-until", type=int, default=None, metavar="K",
+                   help="keep the first K depth units of every model unmerged (one branch per model, their outputs "
+                        "averaged) and merge from unit K on: a MultiBranch network; 0 or unset: the plain merge")
+    p.add_argument("--preserve-renorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --preserve-until: give the averaged branch features the share-weighted mean and std of "
+                        "the branches' own on the repair samples (default on)")
     p.add_argument("--out", required=True, help="fused checkpoint (.safetensors); the config goes beside it")
     p.add_argument("--report", default=None,
                    help="folder for the HTML report (index.html: configuration, depth-alignment matrices, matching "
@@ -378,9 +399,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="paper reproductions (MNIST MLPs; CIFAR-10 CNNs scaled to a CPU)")
     p.add_argument("name", choices=["skill-transfer", "ablation", "multi-model", "cifar-resnet", "cifar-vgg",
-                                    "skill-transfer-methods", "class-split-mnist", "class-split-cifar-resnet",
-                                    "class-split-cifar-vgg", "class-split-width", "class-split-converged-resnet",
-                                    "class-split-converged-vgg", "class-split-converged-width",
+                                    "skill-transfer-methods", "skill-transfer-gap", "class-split-mnist",
+                                    "class-split-cifar-resnet", "class-split-cifar-vgg", "class-split-width",
+                                    "class-split-converged-resnet", "class-split-converged-vgg",
+                                    "class-split-converged-width", "class-split-gap-mnist",
+                                    "class-split-gap-converged-resnet",
                                     "cifar-converged-resnet", "cifar-converged-vgg", "clafusion-table1",
                                     "clafusion-table2", "clafusion-table3", "clafusion-table4", "parents"])
     p.add_argument("--seeds", default=None, help="e.g. 0-4 or 0,2,3 (default 0-4; class-split-converged-*: 0, the "
@@ -586,7 +609,9 @@ def _fit_run(a, model, heads: dict, *, teacher=None, source: dict) -> int:
     if head.classes is not None:
         raise HetfuseError("the checkpoint is a class-split task model (its head covers some classes only); "
                            "finetune and distill train on every class")
-    conv = describe(model).image_input
+    from .branches import MultiBranch
+
+    conv = describe(model.path(0) if isinstance(model, MultiBranch) else model).image_input
     augment = conv if a.augment is None else a.augment
     if augment and not conv:
         raise HetfuseError("--augment crops images, but the model is an MLP; pass --no-augment")
@@ -763,11 +788,14 @@ def _eval_tasks(a, models, metas, ds) -> int:
 def cmd_check(a) -> int:
     import torch
 
+    from .branches import MultiBranch
     from .graph import check_permutation_invariance, describe
 
     models, _ = load_models([a.model], a.allow_pickle)
     model = models[0].eval()
-    g = describe(model)
+    # a multi-branch network (--preserve-until) is checked as each branch followed by the tail
+    parts = [model.path(i) for i in range(len(model.branches))] if isinstance(model, MultiBranch) else [model]
+    g = describe(parts[0])
     gen = torch.Generator().manual_seed(a.seed)
     if g.token_input:  # token ids; as many tokens as a position embedding has rows, if it has one
         seq = next((t.shape[-2] for k, t in model.state_dict().items() if t.dim() == 3 and t.shape[0] == 1
@@ -786,9 +814,12 @@ def cmd_check(a) -> int:
             model(x)
     except RuntimeError as e:
         raise HetfuseError(f"{a.model} does not run on {what}: {str(e).splitlines()[0]}") from None
-    g = describe(model, example=x[:2])
-    diff = check_permutation_invariance(model, g, x, seed=a.seed)
-    print(f"{a.model}: {g.depth} hidden neuron spaces {g.widths}; permuting all of them changed the outputs by "
+    diff = 0.0
+    for part in parts:
+        g = describe(part, example=x[:2])
+        diff = max(diff, check_permutation_invariance(part, g, x, seed=a.seed))
+    what = f"a multi-branch network, each of its {len(parts)} branches with its tail: " if len(parts) > 1 else ""
+    print(f"{a.model}: {what}{g.depth} hidden neuron spaces {g.widths}; permuting all of them changed the outputs by "
           f"{diff:.3g}: OK")
     return 0
 
@@ -824,7 +855,7 @@ def cmd_experiment(a) -> int:
         return 0
     if a.only is not None:
         raise HetfuseError("--only belongs to the parents experiment")
-    converged = a.name.startswith("class-split-converged-")
+    converged = a.name.startswith("class-split-") and "converged-" in a.name
     if a.committed_only and not converged:
         raise HetfuseError("--committed-only belongs to the class-split-converged-* experiments")
     seeds = parse_seeds(a.seeds or ("0" if converged else "0-4"))
@@ -853,8 +884,12 @@ def cmd_experiment(a) -> int:
         if a.name.startswith("cifar-"):
             run_cifar_experiment(a.name.removeprefix("cifar-"), **kwargs)
         else:
+            if a.name == "skill-transfer-gap":
+                from .experiments.skill_methods import GAP_GRID
+
+                kwargs["grid"] = GAP_GRID
             fn = {"skill-transfer": run_skill_transfer, "ablation": run_ablation, "multi-model": run_multi_model,
-                  "skill-transfer-methods": run_skill_methods}[a.name]
+                  "skill-transfer-methods": run_skill_methods, "skill-transfer-gap": run_skill_methods}[a.name]
             fn(**kwargs)
     from .report.html import write_experiment_report
 

@@ -46,7 +46,10 @@ class FusionConfig:
     always belongs to ``models[i]``), ``target`` (index of the model whose widths and neuron order the
     fused model takes; None: the shallowest, first of equal depth, as CLAFusion), ``samples`` (inputs for
     activations and alignment), ``repair_samples`` (inputs for the repair statistics; capped by the data),
-    ``seed``, ``progress``.
+    ``seed``, ``progress``, ``preserve_until`` (keep the first K depth units of every model unmerged, one branch per
+    model, and merge from unit K on — :class:`~hetfuse.branches.MultiBranch`; None or 0: the plain merge) and
+    ``preserve_renorm`` (with ``preserve_until``: set the averaged branch features' mean and std on the repair samples
+    to the share-weighted mean and std of the branches' own; default True).
 
     Stages: ``similarity`` (alias ``representation``), ``depth_align``, ``balance``, ``match``, ``repair``
     each take a method name; ``repair`` also takes ``True`` (= ``"auto"``) and ``False`` (= ``"none"``).
@@ -57,6 +60,7 @@ class FusionConfig:
 
     def __init__(self, *, weights=None, target: int | None = None, samples: int = 400,
                  repair_samples: int = 2000, seed: int = 0, progress: bool = False,
+                 preserve_until: int | None = None, preserve_renorm: bool = True,
                  similarity: str | None = None, representation: str | None = None, depth_align: str | None = None,
                  balance: str | None = None, match: str | None = None, repair: str | bool | None = None,
                  stages: dict | None = None, **params) -> None:
@@ -104,6 +108,8 @@ class FusionConfig:
         self.repair_samples = repair_samples
         self.seed = seed
         self.progress = bool(progress)
+        self.preserve_until = preserve_until
+        self.preserve_renorm = preserve_renorm
         self.validate()
 
     # ----------------------------------------------------------------------------------- access
@@ -141,7 +147,8 @@ class FusionConfig:
     def replace(self, **changes) -> FusionConfig:
         """A copy with some options changed (same rules as the constructor)."""
         d = self.to_dict()
-        run = {k: d[k] for k in ("weights", "target", "samples", "repair_samples", "seed")}
+        run = {k: d[k] for k in ("weights", "target", "samples", "repair_samples", "seed", "preserve_until",
+                                 "preserve_renorm")}
         run["progress"] = self.progress
         stages = {s: dict(v) for s, v in d["stages"].items()}
         for s in STAGES:
@@ -176,6 +183,15 @@ class FusionConfig:
         if self.target is not None and (isinstance(self.target, bool) or not isinstance(self.target, int)
                                         or self.target < 0):
             raise HetfuseError(f"target must be a model index (a non-negative integer), got {self.target!r}")
+        k = self.preserve_until
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise HetfuseError(f"preserve_until must be a number of depth units (an integer >= 0), got {k!r}")
+        if not isinstance(self.preserve_renorm, bool):
+            raise HetfuseError(f"preserve_renorm must be True or False, got {self.preserve_renorm!r}")
+        if k and self.stages["match"].params.get("zip_until"):
+            raise HetfuseError(f"preserve_until={k} cannot be combined with {self.match}'s zip_until="
+                               f"{self.stages['match'].params['zip_until']}: both cut the network (one keeps every "
+                               "model's early units, the other every model's late units); choose one")
         if n_models is not None:
             if n_models < 2:
                 raise HetfuseError(f"fusion needs at least two models, got {n_models}")
@@ -189,6 +205,7 @@ class FusionConfig:
     def to_dict(self) -> dict:
         return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "weights": self.weights, "target": self.target,
                 "samples": self.samples, "repair_samples": self.repair_samples, "seed": self.seed,
+                "preserve_until": self.preserve_until, "preserve_renorm": self.preserve_renorm,
                 "stages": {s: st.to_dict() for s, st in self.stages.items()}}
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -207,7 +224,8 @@ class FusionConfig:
             if version != CONFIG_VERSION:
                 raise HetfuseError(f"fusion configuration version {version} is not supported "
                                    f"(this hetfuse reads versions 1 and {CONFIG_VERSION})")
-            run = {k: d[k] for k in ("weights", "target", "samples", "repair_samples", "seed", "progress") if k in d}
+            run = {k: d[k] for k in ("weights", "target", "samples", "repair_samples", "seed", "progress",
+                                     "preserve_until", "preserve_renorm") if k in d}
             return cls(stages=d["stages"], **run)
         return cls._from_flat(d)
 
@@ -252,7 +270,7 @@ def _unknown_param_message(key: str, chosen: dict) -> str:
                         if key in {p.name for p in param_infos(cls)}})
     hint = f"; it is a parameter of {', '.join(elsewhere)}" if elsewhere else ""
     return (f"unknown fusion option {key!r}{hint}. The chosen methods take: " + "; ".join(parts) +
-            "; run options: weights, target, samples, repair_samples, seed, progress")
+            "; run options: weights, target, samples, repair_samples, seed, progress, preserve_until, preserve_renorm")
 
 
 def _check_weight_values(weights) -> list[float]:

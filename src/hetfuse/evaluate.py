@@ -33,6 +33,7 @@ def head_meta(meta: dict) -> dict:
 
 def check_dims(models, ds, paths, metas=None) -> None:
     """Refuse, naming the file, a model whose input or output size does not fit the data set ``ds``."""
+    from .branches import MultiBranch
     from .graph import describe
     from .multihead import MultiHead
 
@@ -40,7 +41,7 @@ def check_dims(models, ds, paths, metas=None) -> None:
         head = checkpoint_head(metas[k] if metas else {}, ds)
         if isinstance(m, MultiHead):
             continue  # its trunk reads the data; its heads' outputs are checked when scored
-        g = describe(m)
+        g = describe(m.path(0) if isinstance(m, MultiBranch) else m)  # a branch and the tail: its sizes
         conv = g.image_input
         want = ds.input_shape[0] if conv else ds.input_dim
         unit = "input channels" if conv else "input features"

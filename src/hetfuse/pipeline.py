@@ -70,6 +70,13 @@ class PreparedFusion:
         w = normalize_weights(weights if weights is not None else self.config.weights, len(self.balanced))
         model = load_fused(self.skeleton, self.aligned.slots, self.target_index, combine(self.aligned, w), self.graph)
         method = self._repair_method(repair)
+        if self.config.preserve_until:  # the first K units of every model kept, one branch each (hetfuse.branches)
+            if self.match.assemble is not None:
+                raise HetfuseError(f"preserve_until={self.config.preserve_until} cannot be combined with a matcher "
+                                   f"that builds its own kind of network ({self.config.match} with zip_until)")
+            from .branches import assemble_branches
+
+            return assemble_branches(self, w, model, method)
         if self.match.assemble is not None:  # a matcher that builds its own kind of network (partial zipping)
             return self.match.assemble(self, model, method)
         if method.name != "none":
@@ -403,7 +410,8 @@ def fuse(models: Sequence[nn.Module], data, *, weights: Sequence[float] | None =
     whose widths and neuron order the fused network takes (default: the shallowest). The stages:
     ``representation`` (alias ``similarity``), ``depth_align``, ``balance``, ``match``, ``repair`` (a method name;
     ``True``/``False`` = ``"auto"``/``"none"``); every other keyword is a parameter of a chosen method (e.g.
-    ``solver``, ``reg``, ``fix_first``, ``merge_sign``) or a run option (``repair_samples``, ``progress``). Or pass
+    ``solver``, ``reg``, ``fix_first``, ``merge_sign``) or a run option (``repair_samples``, ``progress``,
+    ``preserve_until``: keep the first K depth units of every model unmerged, :mod:`hetfuse.branches`). Or pass
     ``config`` (a :class:`FusionConfig`), which then replaces all of them.
     """
     if config is None:

@@ -74,6 +74,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict | No
         what = f"refusing to overwrite existing checkpoint {path}"
         raise CheckpointError(f"{what} (pass force=True to replace it)",
                               cli_message=f"{what} (pass --force to replace it)")
+    from ..branches import MultiBranch
     from ..multihead import MultiHead
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -84,6 +85,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, metadata: dict | No
         if isinstance(model, MultiHead):
             parts = [model.trunk, *model.heads]
             meta["multihead"] = json.dumps([{"base": b, "edits": e} for b, e in map(base_and_edits, parts)])
+        elif isinstance(model, MultiBranch):
+            meta["multibranch"] = json.dumps({
+                "branches": [{"base": b, "edits": e} for b, e in map(base_and_edits, model.branches)],
+                "tail": dict(zip(("base", "edits"), base_and_edits(model.tail), strict=True)),
+                "features": model.features, "feature_axis": model.feature_axis})
         else:
             base, edits = base_and_edits(model)
             meta["base"] = json.dumps(base)
@@ -258,6 +264,8 @@ def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False, base
     meta, shapes = read_header(path)
     if meta.get("format") == FORMAT and "multihead" in meta:
         return _load_multihead(path, meta, shapes, base, device)
+    if meta.get("format") == FORMAT and "multibranch" in meta:
+        return _load_multibranch(path, meta, shapes, base, device)
     if meta.get("format") != FORMAT or not ("base" in meta or "arch" in meta):
         raise CheckpointError(f"{path} is a safetensors file without hetfuse metadata (a foreign checkpoint): its "
                               "architecture is unknown, so hetfuse cannot rebuild the model")
@@ -306,6 +314,46 @@ def _load_multihead(path: Path, meta: dict, shapes: dict, base, device) -> tuple
         built = [_build(p.get("base", {}), p.get("edits", []), b, path, len(shapes), dev)
                  for p, b in zip(parts, bases, strict=False)]
         return MultiHead(built[0], built[1:])
+
+    _compare(build("meta"), shapes, path)
+    model = build(device)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    _check_finite(state, path, "refusing to load checkpoint")
+    ref = model.state_dict()
+    model.load_state_dict({k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in state.items()})
+    return model.eval(), extra if isinstance(extra, dict) else {"extra": extra}
+
+
+def _load_multibranch(path: Path, meta: dict, shapes: dict, base, device) -> tuple[nn.Module, dict]:
+    """A network that keeps every model's early units (``preserve_until``): its branches and its tail, each rebuilt
+    from its own base and edits, and the junction's buffers."""
+    from safetensors import safe_open
+
+    from ..branches import MultiBranch
+
+    try:
+        desc = json.loads(meta["multibranch"])
+        extra = json.loads(meta.get("extra", "{}") or "{}")
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: corrupt metadata ({e})") from None
+    ok = isinstance(desc, dict) and isinstance(desc.get("branches"), list) and isinstance(desc.get("tail"), dict)
+    parts = [*desc["branches"], desc["tail"]] if ok else []
+    features, axis = (desc.get("features"), desc.get("feature_axis")) if ok else (None, None)
+    if not ok or not 2 <= len(parts) - 1 <= len(shapes) or not all(isinstance(p, dict) for p in parts) or \
+            isinstance(features, bool) or not isinstance(features, int) or not 0 < features <= 1 << 24 or \
+            axis not in (1, -1):
+        raise CheckpointError(f"checkpoint {path}: a multi-branch network needs two or more branches, a tail, its "
+                              "number of features and their axis")
+    bases = list(base) if isinstance(base, (list, tuple)) else [base] * len(parts)
+    if len(bases) != len(parts):
+        raise CheckpointError(f"checkpoint {path} has {len(parts)} parts (branches and tail); give one base per part")
+
+    def build(dev):
+        built = [_build(p.get("base", {}), p.get("edits", []), b, path, len(shapes), dev)
+                 for p, b in zip(parts, bases, strict=True)]
+        with torch.device(dev):
+            return MultiBranch(built[:-1], built[-1], features, axis)
 
     _compare(build("meta"), shapes, path)
     model = build(device)
