@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hetfuse import fuse, prepare_fusion
+from hetfuse import FusionConfig, fuse, prepare_fusion
 from hetfuse.errors import HetfuseError
 from hetfuse.repair import RepairContext, lsq_refit
 
@@ -59,6 +59,35 @@ def test_lsq_recovers_a_model_from_a_planted_invertible_transform_of_itself(posi
         refit = fuse([a, b], x, match="perm-acts", repair="lsq", ridge=0.0).model
         assert (plain(x) - a(x)).abs().max() > 1e-3  # averaging alone does not give it back
         torch.testing.assert_close(refit(x), a(x), rtol=1e-6, atol=1e-6)
+
+
+def test_lsq_targets_are_the_parents_matched_features_under_linear_maps():
+    """Under CCA's linear maps the aligned network (the map pushed through a ReLU) is not the parent's matched
+    features; the regression targets are (the parent's own features times its map): a planted invertible transform
+    of a linear network is still recovered exactly, with CCA and with OT's soft maps."""
+    a = _mlp(0, act=False)
+    b = _planted(a, 1, positive=False)
+    x = torch.randn(400, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for match in ("cca", "ot-acts"):
+            refit = fuse([a, b], x, match=match, repair="lsq", ridge=0.0).model
+            torch.testing.assert_close(refit(x), a(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_hidden_layer_is_fitted_to_the_parents_own_features_through_their_maps():
+    a, b = _mlp(0), _mlp(1)
+    x = torch.randn(400, 6, dtype=torch.float64)
+    w = [0.4, 0.6]
+    prep = prepare_fusion([a, b], x, FusionConfig(match="cca"))
+    ctx = RepairContext(prep.graph, prep.repair_samples, None, prepared=prep, weights=w)
+    refit, _ = lsq_refit(prep.combine(w, repair="none"), ctx, ridge=0.0)
+    with torch.no_grad():
+        h = refit[:2](x)  # the fused network's own input to its second hidden layer
+        maps = [prep.match.maps[i][1].out for i in range(2)]  # space 1: the second hidden layer
+        target = w[0] * a[:3](x) @ maps[0] + w[1] * b[:3](x) @ maps[1]  # each parent's features, matched
+        design = torch.cat([h, torch.ones(len(x), 1, dtype=h.dtype)], 1)
+        best = torch.linalg.lstsq(design, target).solution
+        torch.testing.assert_close(refit[2].weight.T, best[:-1], rtol=1e-6, atol=1e-8)
 
 
 def _cnn(seed):

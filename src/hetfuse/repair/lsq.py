@@ -7,8 +7,9 @@ reproduce the **weighted combination of the parents' matched features**:
 
     Y = Σ_i β_i ⊙ Y_i,     W = argmin ‖[X 1] W − Y‖² + λ ‖W − W₀‖²   (the bias column not regularised)
 
-``Y_i`` is network i's output of the same layer after its neurons were moved into the fused basis (the aligned
-network of :meth:`~hetfuse.pipeline.PreparedFusion.aligned_model`), ``β_i`` its share of each fused neuron (its
+``Y_i`` is network i's own output of the same layer (its balanced network, on the same samples) moved into the
+fused basis by its matcher's ``out`` map (columns normalised as the combination normalises them; a general linear
+map, CCA's, as it is) — its *matched features*; ``β_i`` its share of each fused neuron (its
 weight where the matching is a permutation; zero where it has no member, so a neuron kept apart by a width budget
 is fitted to its own parent's feature), ``X`` the fused network's input to the layer, ``W₀`` the combined weights
 (the merge itself): the ridge pulls toward the merge where the samples do not determine the weights, and a merge
@@ -142,7 +143,8 @@ def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None
                            "or PreparedFusion.combine")
     graph, w = ctx.graph, list(ctx.weights)
     x = ctx.x if samples is None else ctx.x[:samples]
-    parents = [prepared.aligned_model(i).eval() for i in range(len(w))]
+    parents = [m.eval() for m in prepared.balanced]
+    targets = _TargetMaps(prepared)
     beta = shares(prepared.aligned, w)
     weight_slot = {(s.module, s.param): si for si, s in enumerate(prepared.aligned.slots)}
     if has_batchnorm(model):
@@ -180,12 +182,17 @@ def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None
         producing = prepared.aligned.producing[si]
         b = [(_shares_along(n_out, producing, beta[i], w[i]) if producing
               else torch.full((n_out,), float(w[i]), dtype=torch.float64)).to(dev) for i in range(len(w))]
-        read_at = info.name
+        read_at = [g.modules[mi].name for g in prepared.balanced_graphs]
+        parent_layers = [p.get_submodule(name) for p, name in zip(parents, read_at, strict=True)]
         affine = None
         if norm is not None:
             a, c = _bn_affine(model.get_submodule(norm))
             if bool((a.abs() > 1e-8).all()):
-                read_at, affine = norm, (a.to(dev), c.to(dev))
+                ni = next(k for k, m in enumerate(graph.modules) if m.name == norm)
+                read_at, affine = [g.modules[ni].name for g in prepared.balanced_graphs], (a.to(dev), c.to(dev))
+        if not targets.supported(si):
+            details.append({"layer": info.name, "refit": False, "why": "a packed projection"})
+            continue
         d = probe.shape[1]
         gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev)
         cross = torch.zeros(d + 1, n_out, dtype=torch.float64, device=dev)
@@ -194,7 +201,8 @@ def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None
             xb = x[start:start + bs]
             design = op.design(mod, _read(model, info.name, xb, inputs=True).to(torch.float64))
             design = torch.cat([design, torch.ones(design.shape[0], 1, dtype=design.dtype, device=dev)], 1)
-            target = sum(b[i] * op.outputs(mod, _read(p, read_at, xb, inputs=False).to(torch.float64))
+            target = sum(b[i] * targets(i, si, op.outputs(parent_layers[i], _read(p, read_at[i], xb, inputs=False)
+                                                          .to(torch.float64)))
                          for i, p in enumerate(parents))
             if affine is not None:  # the BatchNorm's output -> the layer's output
                 target = (target - affine[1]) / affine[0]
@@ -226,6 +234,37 @@ def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None
                         "observations": int(gram[d, d]), "ridge": lam,
                         "objective_reduction": before - after})
     return model.eval(), {"layers": details}
+
+
+class _TargetMaps:
+    """Network i's own output rows of a layer (observations x its neurons) moved into the fused basis: through the
+    ``out`` map of the space the layer produces (normalised columns; a linear map as it is); the output layer's
+    rows as they are."""
+
+    def __init__(self, prepared) -> None:
+        from ..combine import _normalised_columns
+        from ..graph.correspond import slot_axes
+
+        self.prepared = prepared
+        self._norm = _normalised_columns
+        self._axes = slot_axes
+
+    def supported(self, si: int) -> bool:
+        """Whether the layer's output is one whole neuron space (or the output): a packed projection (q, k and v
+        rows in one weight) is kept as merged."""
+        producing = self.prepared.aligned.producing[si]
+        return len(producing) <= 1 and all(ax.offset is None for _, ax in producing)
+
+    def __call__(self, i: int, si: int, rows: torch.Tensor) -> torch.Tensor:
+        producing = self.prepared.aligned.producing[si]
+        if not producing:
+            return rows
+        s = producing[0][0]
+        sm = self.prepared.match.maps[i][s]
+        out = sm.out.to(device=rows.device, dtype=torch.float64)
+        if not self.prepared.match.linear:
+            out = self._norm(out)[0]
+        return rows @ out
 
 
 def _current_solution(op, mod: nn.Module, d: int) -> torch.Tensor:
