@@ -224,6 +224,17 @@ def test_gap_settings_report_the_gap_before_and_after(digits, tmp_path):
     assert "| best new method, 1x width | Perm + LMA + LSQ" in text and "1.5x |" not in text.split("1x width")[1][:40]
 
 
+def test_vit_class_split_setting_has_two_splits_and_the_papers_rows():
+    from hetfuse.experiments.class_split import paper_grid, settings
+    from hetfuse.models import build_model
+
+    st = settings("vit-mnist")
+    assert len(st.splits) >= 2 and {m.label for m in paper_grid()} <= {m.label for m in st.methods}
+    for arch in st.archs.values():  # both depths build for MNIST's shape
+        m = build_model(arch, input_dim=1, output_dim=512, input_shape=(1, 28, 28))
+        assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 512)
+
+
 def test_skill_transfer_gap_grid_smoke(digits, tmp_path):
     from hetfuse.experiments import run_skill_methods
 

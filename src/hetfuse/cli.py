@@ -403,7 +403,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "class-split-cifar-resnet", "class-split-cifar-vgg", "class-split-width",
                                     "class-split-converged-resnet", "class-split-converged-vgg",
                                     "class-split-converged-width", "class-split-gap-mnist",
-                                    "class-split-gap-converged-resnet",
+                                    "class-split-gap-converged-resnet", "class-split-vit-mnist",
                                     "cifar-converged-resnet", "cifar-converged-vgg", "clafusion-table1",
                                     "clafusion-table2", "clafusion-table3", "clafusion-table4", "parents"])
     p.add_argument("--seeds", default=None, help="e.g. 0-4 or 0,2,3 (default 0-4; class-split-converged-*: 0, the "
