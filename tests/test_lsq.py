@@ -120,20 +120,25 @@ def test_lsq_refits_convolutions_of_a_channel_scaled_copy_exactly():
         torch.testing.assert_close(refit(x), a(x), rtol=1e-6, atol=1e-6)
 
 
-def test_lsq_fits_the_output_layer_to_the_weighted_mean_of_the_parents_logits():
+@pytest.mark.parametrize("outputs", ["mean", "direction"])
+def test_lsq_fits_the_output_layer_to_the_weighted_mean_of_the_parents_logits(outputs):
     a, b = _mlp(0), _mlp(1)
     x = torch.randn(400, 6, dtype=torch.float64)
     w = [0.3, 0.7]
     prep = prepare_fusion([a, b], x, None)
     fused = prep.combine(w, repair="none")
     ctx = RepairContext(prep.graph, prep.repair_samples, None, prepared=prep, weights=w)
-    refit, details = lsq_refit(fused, ctx, ridge=0.0)
+    refit, details = lsq_refit(fused, ctx, ridge=0.0, outputs=outputs)
     layers = details["layers"]
     assert [d["layer"] for d in layers if d["refit"]] == ["0", "2", "4"]
     assert all(d["objective_reduction"] >= -1e-9 for d in layers)  # each refit can only lower its own error
     with torch.no_grad():
         h = refit[:4](x)  # the fused network's own inputs to the output layer
-        target = w[0] * a(x) + w[1] * b(x)
+        ya, yb = a(x), b(x)
+        if outputs == "direction":  # every parent's rows at the examples' mean norm
+            na, nb = ya.norm(dim=1, keepdim=True), yb.norm(dim=1, keepdim=True)
+            ya, yb = ya / na * (na + nb) / 2, yb / nb * (na + nb) / 2
+        target = w[0] * ya + w[1] * yb
         design = torch.cat([h, torch.ones(len(x), 1, dtype=h.dtype)], 1)
         best = torch.linalg.lstsq(design, target).solution
         torch.testing.assert_close(refit[4].weight.T, best[:-1], rtol=1e-6, atol=1e-8)

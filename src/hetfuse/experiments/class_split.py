@@ -129,7 +129,13 @@ def gap_grid(*, cifar: bool = False) -> list[Method]:
             Method("CLAFusion + LSQ", "hetero", "cla", "ot-acts", params=lsq, new=True),
             Method("CCA + LMA", "hetero", "lma", "cca", new=True),
             Method("CCA + LMA + LSQ", "hetero", "lma", "cca", params=lsq, new=True),
-            Method("Perm + LMA, preserve 1", "hetero", "lma", "perm-acts", params={"preserve_until": 1}, new=True)]
+            Method("Perm + LMA, preserve 1", "hetero", "lma", "perm-acts", params={"preserve_until": 1}, new=True),
+            Method("Homo Perm + LSQ (direction)", "homo", match="perm-acts", params={**lsq, "outputs": "direction"},
+                   new=True),
+            Method("Perm + LMA + LSQ (direction)", "hetero", "lma", "perm-acts",
+                   params={**lsq, "outputs": "direction"}, new=True),
+            Method("Zip + LMA + LSQ (direction)", "hetero", "lma", "zip", params={**lsq, "outputs": "direction"},
+                   new=True)]
     if not cifar:
         rows += [Method(f"Perm + LMA + LSQ, {n} samples", "hetero", "lma", "perm-acts", params={**lsq, "samples": n},
                         new=True) for n in (100, 2000)]

@@ -33,6 +33,7 @@ the network has BatchNorm, its statistics are reset on the samples first (``bn-r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -55,6 +56,10 @@ class LsqParams:
         "help": "ridge toward the merged weights, relative to the mean diagonal of the layer inputs' Gram matrix"})
     fit_samples: int | None = field(default=None, metadata={
         "help": "fit on the first this many repair samples (default: all of them; see repair_samples)"})
+    outputs: Literal["mean", "direction"] = field(default="mean", metadata={
+        "help": "the output layer's target: the weighted mean of the parents' outputs, or (direction) of their "
+                "outputs each scaled to the examples' mean norm: for outputs read by a cosine / embedding head, "
+                "where a parent with larger outputs would otherwise dominate the mean"})
 
     def check(self) -> None:
         if not self.ridge >= 0:
@@ -133,7 +138,8 @@ def _batch_size(n_rows_per_sample: int, width: int, n: int) -> int:
 
 
 @torch.no_grad()
-def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None = None) -> tuple[nn.Module, dict]:
+def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None = None,
+              outputs: str = "mean") -> tuple[nn.Module, dict]:
     """Refit ``model``'s layers (see the module docstring); returns the model and per-layer details."""
     from ..combine import _shares_along, shares
 
@@ -201,9 +207,13 @@ def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None
             xb = x[start:start + bs]
             design = op.design(mod, _read(model, info.name, xb, inputs=True).to(torch.float64))
             design = torch.cat([design, torch.ones(design.shape[0], 1, dtype=design.dtype, device=dev)], 1)
-            target = sum(b[i] * targets(i, si, op.outputs(parent_layers[i], _read(p, read_at[i], xb, inputs=False)
-                                                          .to(torch.float64)))
-                         for i, p in enumerate(parents))
+            own = [targets(i, si, op.outputs(parent_layers[i], _read(p, read_at[i], xb, inputs=False)
+                                             .to(torch.float64))) for i, p in enumerate(parents)]
+            if outputs == "direction" and not producing:  # the output layer: every parent's rows at one norm
+                norms = [o.norm(dim=1, keepdim=True) for o in own]
+                common = sum(norms) / len(norms)
+                own = [o / n.clamp_min(1e-12) * common for o, n in zip(own, norms, strict=True)]
+            target = sum(b[i] * own[i] for i in range(len(own)))
             if affine is not None:  # the BatchNorm's output -> the layer's output
                 target = (target - affine[1]) / affine[0]
             gram += design.T @ design
@@ -291,7 +301,8 @@ class LeastSquares(Repair):
     Params = LsqParams
 
     def repair(self, model, ctx):
-        model, details = lsq_refit(model, ctx, ridge=self.params.ridge, samples=self.params.fit_samples)
+        model, details = lsq_refit(model, ctx, ridge=self.params.ridge, samples=self.params.fit_samples,
+                                   outputs=self.params.outputs)
         refit = [d["layer"] for d in details["layers"] if d["refit"]]
         if not refit:
             raise HetfuseError("repair='lsq' found no Linear/Conv layer it can refit")
