@@ -405,7 +405,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "class-split-converged-width", "class-split-gap-mnist",
                                     "class-split-gap-converged-resnet", "class-split-vit-mnist",
                                     "cifar-converged-resnet", "cifar-converged-vgg", "clafusion-table1",
-                                    "clafusion-table2", "clafusion-table3", "clafusion-table4", "parents"])
+                                    "clafusion-table2", "clafusion-table3", "clafusion-table4", "parents",
+                                    "text-barriers"])
     p.add_argument("--seeds", default=None, help="e.g. 0-4 or 0,2,3 (default 0-4; class-split-converged-*: 0, the "
                                                  "committed parents' seeds)")
     p.add_argument("--out", required=True, help="output folder; one that already holds results needs --force")
@@ -432,6 +433,10 @@ def _parser() -> argparse.ArgumentParser:
                         "of training the missing parents first (hours)")
     p.add_argument("--only", default=None,
                    help="parents: comma-separated entries to train (default: every entry, in order)")
+    p.add_argument("--scale", default=None, choices=["full", "tiny", "smoke"],
+                   help="text-barriers: model and data sizes (default $HETFUSE_TEXT_SCALE, else full: about 2 h on "
+                        "2 cores; tiny: a few minutes; smoke: the CI test's); --seeds (default 0-2), --epochs "
+                        "(finetuning) and --samples override it")
     p.add_argument("--data-root", default=None)
     p.add_argument("--quiet", action="store_true")
     return ap
@@ -855,6 +860,22 @@ def cmd_experiment(a) -> int:
         return 0
     if a.only is not None:
         raise HetfuseError("--only belongs to the parents experiment")
+    if a.scale is not None and a.name != "text-barriers":
+        raise HetfuseError("--scale belongs to the text-barriers experiment")
+    if a.name == "text-barriers":
+        from .experiments.text_barriers import run_text_barriers
+
+        if a.width is not None or a.splits is not None or a.committed_only:
+            raise HetfuseError("--width, --splits and --committed-only belong to the class-split experiments")
+        # --samples keeps its default of 400 (the full scale's) unless given: the smaller scales use fewer
+        run_text_barriers(out_dir=a.out, scale=a.scale, seeds=parse_seeds(a.seeds) if a.seeds else None,
+                          samples=a.samples if a.samples != 400 else None, epochs=a.epochs, resume=a.resume,
+                          force=a.force, progress=not a.quiet, command=command_line())
+        from .report.html import write_experiment_report
+
+        page = write_experiment_report(a.out)
+        print(f"{a.name}: results in {a.out} (report: {page})")
+        return 0
     converged = a.name.startswith("class-split-") and "converged-" in a.name
     if a.committed_only and not converged:
         raise HetfuseError("--committed-only belongs to the class-split-converged-* experiments")

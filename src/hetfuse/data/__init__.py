@@ -10,6 +10,7 @@ from .datasets import (
     resolve_data_root,
     skill_split,
 )
+from .text import TEXT_TASKS, TextTask, load_text_tasks, train_wordpiece
 
-__all__ = ["Dataset", "alignment_samples", "load_cifar", "load_dataset", "random_crop_flip", "read_idx",
-           "resolve_data_root", "skill_split"]
+__all__ = ["TEXT_TASKS", "Dataset", "TextTask", "alignment_samples", "load_cifar", "load_dataset",
+           "load_text_tasks", "random_crop_flip", "read_idx", "resolve_data_root", "skill_split", "train_wordpiece"]
