@@ -84,7 +84,8 @@ def main() -> None:
         lines = ["# The cost of the gap-closing methods", "",
                  f"Random weights and inputs; 400 alignment and 2000 repair samples (ResNets: the least-squares fit "
                  f"on 500); depth alignment LMA; {rows[0]['threads']} torch threads; each method in a fresh process.",
-                 "", "| pair | method | seconds | peak RSS (MB) | of which repair/combine (s) |", "|---|---|---|---|---|"]
+                 "", "| pair | method | seconds | peak RSS (MB) | of which repair/combine (s) |",
+                 "|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['pair']} | {r['method']} | {r['seconds']} | {r['peak_rss_mb']} | "
                          f"{r['timings'].get('combine_s', '')} |")
