@@ -63,6 +63,7 @@ class PreparedFusion:
     repair_samples: torch.Tensor
     report: dict
     _stats: list | None = field(default=None, repr=False)
+    _match_stats: object = field(default=None, repr=False)  # the matcher's SpaceStats on ``samples``, if any
 
     def combine(self, weights: Sequence[float] | None = None, *, repair: str | bool | None = None) -> nn.Module:
         """The fused network for ``weights`` (``weights[i]`` belongs to model i). ``repair``: a repair method
@@ -143,9 +144,38 @@ class PreparedFusion:
         (:meth:`aligned_model`) on the repair samples — what REPAIR interpolates. At weight 1 on one model the
         fused network is that aligned network, so REPAIR then changes nothing."""
         if self._stats is None:
+            self._stats = self._stats_from_matching()
+        if self._stats is None:
             self._stats = [space_moments(self.aligned_model(i), self.graph, self.repair_samples)
                            for i in range(len(self.balanced))]
         return self._stats
+
+    def _stats_from_matching(self) -> list | None:
+        """:meth:`parent_stats` without running the networks again, where that is exact: the matcher read the same
+        samples (alignment samples = repair samples) at the same points (pre-activations), and every map sends each
+        fused neuron one neuron or none (a permutation, a selection): the aligned network's neuron k is then the
+        network's neuron j with out[j, k] = 1, or constant 0."""
+        st = self._match_stats
+        if st is None or self.samples.shape != self.repair_samples.shape or \
+                not torch.equal(self.samples, self.repair_samples):
+            return None
+        maps = self.match.maps
+        if self.match.linear or any(not _one_hot_columns(sm.out) for row in maps for sm in row):
+            return None
+        out = []
+        for i, row in enumerate(maps):
+            per = []
+            for s, sm in enumerate(row):
+                m = sm.out.to(torch.float64)
+                mean, std = st.mean(i, s), st.std(i, s)
+                per.append((m.to(mean.device).T @ mean, m.to(std.device).T @ std))
+            out.append(per)
+        return out
+
+
+def _one_hot_columns(m: torch.Tensor) -> bool:
+    """Every column holds a single 1 or nothing, every other entry 0."""
+    return bool(((m == 0) | (m == 1)).all()) and bool((m.sum(0) <= 1).all())
 
 
 def space_moments(model: nn.Module, graph: NetworkGraph, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -319,7 +349,7 @@ def balance_depths(models: list[nn.Module], graphs: list[NetworkGraph], x: torch
             models[i] = balancer.balance(models[i], graphs[i], groups[i], ma, x, x_repair).to(x.device).eval()
             graphs[i] = describe(models[i], example=x[:2])
             if balancer.direction == "add":  # meant to keep the function: say by how much it did not
-                change = _relative_change(before, models[i], x[:256])
+                change = _relative_change(before, models[i], x[:64])
                 if change > 1e-4:
                     note = (f"model {i}: the units added to balance its depth change its outputs by {change:.3g} "
                             "(largest difference relative to the largest output, on the alignment samples)"
@@ -393,7 +423,8 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
     }
     return PreparedFusion(config=config, target_index=target, skeleton=skeleton, graph=skeleton_graph,
                           aligned=aligned, match=result, balanced=models, balanced_graphs=graphs, samples=x,
-                          repair_samples=x_repair, report=report)
+                          repair_samples=x_repair, report=report,
+                          _match_stats=ctx._stats.get(("target", False), ctx._stats.get(("all", False))))
 
 
 def fuse(models: Sequence[nn.Module], data, *, weights: Sequence[float] | None = None, target: int | None = None,

@@ -76,8 +76,9 @@ class PermActsParams:
                 "values after the ReLU (dead neurons then tie)"})
     budget: float = field(default=1.0, metadata={
         "help": "fused width relative to the target (1 to 2): each other model keeps its (budget-1)·n worst-matched "
-                "neurons of every space apart instead of averaging them (attention heads excepted); 2 averages "
-                "nothing (the matched models' ensemble); pair with repair=lsq (PLeaS)"})
+                "neurons of every space apart instead of averaging them (attention heads and a transformer's "
+                "residual stream excepted); 2 averages nothing (the matched models' ensemble); pair with repair=lsq "
+                "(PLeaS)"})
 
     def check(self) -> None:
         if not 1.0 <= self.budget <= 2.0:
@@ -114,7 +115,10 @@ class PermActs(NeuronMatcher):
             maps = [[SpaceMap.identity(n) for n in widths] if c is None else [permutation_map(p) for p in c]
                     for c in all_cols]
             return MatchResult(widths, maps, {"solvers": solvers})
-        fused, maps, apart = partial_maps(all_cols, all_corr, widths, self.params.budget, heads)
+        keep = set(heads)
+        if attention:  # a transformer's code ties its attention sizes to the stream's width (x.shape): keep it
+            keep |= {s for s, sp in enumerate(ctx.graphs[t].spaces) if sp.stream}
+        fused, maps, apart = partial_maps(all_cols, all_corr, widths, self.params.budget, keep)
         return MatchResult(fused, maps, {"solvers": solvers, "kept_apart": apart})
 
 
