@@ -191,13 +191,16 @@ class SpaceStats:
     """First and second moments of every neuron space's activations, per model and between models.
 
     ``count[s]``: observations of space s; ``sums[i][s]``: the sum of model i's activations; ``squares[i][s]``
-    their sum of squares; ``grams[(i, j)][s]``: Σ a_i a_jᵀ (n_i x n_j) for the requested pairs (i <= j).
+    their sum of squares; ``grams[(i, j)][s]``: Σ a_i a_jᵀ (n_i x n_j) for the requested pairs (i <= j); all
+    float64. ``eps``: the machine epsilon of the precision each batch was summed in (float32 for float32 models:
+    of values shifted by the first batch's mean, so the centred moments keep that precision).
     """
 
     count: list[int]
     sums: list[list[torch.Tensor]]
     squares: list[list[torch.Tensor]]
     grams: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict)
+    eps: float = torch.finfo(torch.float64).eps  # machine epsilon of the precision the moments were summed in
 
     def mean(self, i: int, s: int) -> torch.Tensor:
         return self.sums[i][s] / self.count[s]
@@ -270,6 +273,8 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
     sums: list[list] = [[0.0] * n_spaces for _ in range(k)]
     squares: list[list] = [[0.0] * n_spaces for _ in range(k)]
     grams: dict[tuple[int, int], list] = {p: [0.0] * n_spaces for p in pairs}
+    shifts: list[list] = [[None] * n_spaces for _ in range(k)]
+    work = torch.float32
     recorders, reads = [], []
     for m, g in zip(models, graphs, strict=False):
         reads.append(read_nodes(g, post))
@@ -284,19 +289,41 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
             for start in range(0, x.shape[0], batch_size):
                 vals = [r(x[start:start + batch_size].to(_device(m)))
                         for m, r in zip(models, recorders, strict=False)]
-                for s in range(n_spaces):  # one space at a time: its float64 rows only while it is summed
-                    feats = [torch.cat([rows(v[n]).to(torch.float64) for n in per_space[s]])
-                             for v, per_space in zip(vals, reads, strict=False)]
+                for s in range(n_spaces):  # one space at a time: its rows only while it is summed
+                    feats = []
+                    for i, (v, per_space) in enumerate(zip(vals, reads, strict=False)):
+                        f = torch.cat([rows(v[n]) for n in per_space[s]])
+                        work = torch.promote_types(work, f.dtype)
+                        if shifts[i][s] is None:  # the first batch's mean: moments of shifted values keep
+                            shifts[i][s] = f.mean(0)  # their precision in float32 (no E[x²] - E[x]² cancellation)
+                        feats.append(f.to(work) - shifts[i][s].to(work))
                     count[s] += feats[0].shape[0]
-                    for i in range(k):
+                    for i in range(k):  # per batch in the working precision, accumulated in float64
                         f = feats[i]
-                        sums[i][s] = sums[i][s] + f.sum(0)
-                        squares[i][s] = squares[i][s] + (f * f).sum(0)
+                        sums[i][s] = sums[i][s] + f.sum(0).to(torch.float64)
+                        squares[i][s] = squares[i][s] + (f * f).sum(0).to(torch.float64)
                     for (i, j) in pairs:
-                        grams[(i, j)][s] = grams[(i, j)][s] + feats[i].T @ feats[j].to(feats[i].device)
+                        g = feats[i].T @ feats[j].to(feats[i].device)
+                        grams[(i, j)][s] = grams[(i, j)][s] + g.to(torch.float64)
                     del feats
                 del vals
     finally:
         for m, w in zip(models, was, strict=False):
             m.train(w)
-    return SpaceStats(count, sums, squares, grams)
+    for s in range(n_spaces):  # undo the shifts, exactly, in float64
+        n = count[s]
+        c = [None if shifts[i][s] is None else shifts[i][s].to(torch.float64) for i in range(k)]
+        raw = [sums[i][s] for i in range(k)]
+        for (i, j) in pairs:
+            if c[i] is None:
+                continue
+            ci, cj = c[i].to(raw[i].device), c[j].to(raw[i].device)
+            grams[(i, j)][s] = (grams[(i, j)][s] + torch.outer(ci, raw[j].to(ci.device)) +
+                                torch.outer(raw[i], cj) + n * torch.outer(ci, cj))
+        for i in range(k):
+            if c[i] is None:
+                continue
+            ci = c[i].to(raw[i].device)
+            squares[i][s] = squares[i][s] + 2.0 * ci * raw[i] + n * ci * ci
+            sums[i][s] = raw[i] + n * ci
+    return SpaceStats(count, sums, squares, grams, torch.finfo(work).eps)

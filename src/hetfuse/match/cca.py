@@ -107,9 +107,13 @@ def cca_maps(cov_a: torch.Tensor, cov_b: torch.Tensor, cov_ab: torch.Tensor,
     return inv_a @ rotation @ half_b, half_a @ rotation @ inv_b, rho
 
 
-def exact_permutation(st: SpaceStats, i: int, t: int, s: int, tol: float = SNAP_TOL) -> np.ndarray | None:
+def exact_permutation(st: SpaceStats, i: int, t: int, s: int, tol: float | None = None) -> np.ndarray | None:
     """``cols`` (network i's neuron j is the target's neuron ``cols[j]``) where network i's activations of space s
-    are the target's permuted on the samples (relative mean squared difference at most ``tol``), else None."""
+    are the target's permuted on the samples (relative mean squared difference at most ``tol``; default
+    ``SNAP_TOL``, or 100 machine epsilons of the precision the moments were summed in if that is coarser), else
+    None."""
+    if tol is None:
+        tol = max(SNAP_TOL, 100 * st.eps)
     sq_i, sq_t = st.squares[i][s], st.squares[t][s]
     if sq_i.shape != sq_t.shape:
         return None

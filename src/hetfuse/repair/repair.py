@@ -52,6 +52,17 @@ def _correct(lin: nn.Module, mu_f, sd_f, mu_t, sd_t, eps: float):
     return scale, mu_t - mu_f * scale
 
 
+def _mean_std(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of ``r`` (observations x neurons), the mean and biased standard deviation in float64, from values
+    shifted by the mean of the first rows (summed in ``r``'s precision, without the E[x²] - E[x]² cancellation,
+    and without a float64 copy of ``r``)."""
+    c = r[:64].mean(0, keepdim=True)
+    d = r - c
+    mean = d.sum(0).to(torch.float64) / r.shape[0]
+    var = ((d * d).sum(0).to(torch.float64) / r.shape[0] - mean * mean).clamp_min(0.0)
+    return mean + c[0].to(torch.float64), var.sqrt()
+
+
 class _OnePass(fx.Interpreter):
     """Runs the network once on all samples, correcting each repaired layer as soon as its output is known (the
     values after it are then computed from the corrected output)."""
@@ -65,10 +76,10 @@ class _OnePass(fx.Interpreter):
         if n.name in self.fixes:
             layer, lin = self.fixes[n.name]
             last = n.name in self.feature_last  # N x tokens x features
-            r = (out.reshape(-1, out.shape[-1]) if last else rows(out)).to(torch.float64)
-            scale, shift = _correct(lin, r.mean(0), r.std(0, unbiased=False), *self.target(layer), self.eps)
+            r = out.reshape(-1, out.shape[-1]) if last else rows(out)
+            scale, shift = _correct(lin, *_mean_std(r), *self.target(layer), self.eps)
             shape = [1] * (out.dim() - 1) + [-1] if last else [1, -1] + [1] * (out.dim() - 2)
-            out = (out.to(torch.float64) * scale.view(shape) + shift.view(shape)).to(out.dtype)
+            out = out * scale.to(out.dtype).view(shape) + shift.to(out.dtype).view(shape)
         return out
 
 
