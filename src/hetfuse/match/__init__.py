@@ -5,7 +5,8 @@ from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap
 from .transport import SOLVERS, Transport, ground_cost, solve_transport
 from .assignment import solve_assignment  # noqa: I001
 from .ot import OTActs, OTWeights  # registration order = the order of the docs and the CLI
-from .perm import PermActs, PermWeights
+from .perm import PermActs
+from .weights import PermWeights
 from .cca import CCA
 from .zip import ElasticZip, Zip, greedy_zip
 from .vanilla import Vanilla
