@@ -21,7 +21,7 @@ from .errors import HetfuseError
 from .graph.correspond import ParamSlot, slot_axes
 from .graph.ops import layer_op
 from .graph.rewrite import apply_edit, module_spec
-from .graph.spec import NetworkGraph, ParamAxis, transform_axis
+from .graph.spec import Gather, NetworkGraph, ParamAxis, transform_axis
 from .match.base import MatchResult
 
 
@@ -30,7 +30,7 @@ class AlignedNetworks:
     """The networks moved into the fused neuron spaces (weight-independent)."""
 
     slots: list[ParamSlot]
-    tensors: list[list[torch.Tensor]]      # [network][slot], float64, fused shapes
+    tensors: list[list[torch.Tensor]]      # [network][slot], fused shapes, the network's precision (>= float32)
     producing: list[list[tuple[int, ParamAxis]]]  # per slot: (space, axis) of its producing axes in the target
     masses: list[list[torch.Tensor]]       # [network][space]: column mass of its out map (r,)
     integer: dict[int, torch.Tensor]       # slot -> the target's tensor, for integer buffers
@@ -45,6 +45,9 @@ def _normalised_columns(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph], slots: list[ParamSlot],
                result: MatchResult, target: int) -> AlignedNetworks:
+    """Every network's parameters moved into the fused spaces. One-hot maps are gathers in the tensor's own
+    precision (at least float32); a tensor with a dense map on any axis is transformed in float64. The aligned
+    tensors keep the precision of the network's parameters (at least float32)."""
     k = len(states)
     outs, masses = [], []
     for i in range(k):
@@ -53,6 +56,9 @@ def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph]
             if result.linear:  # a general linear map (CCA): as it is; the network's share is its weight
                 o = sm.out.to(torch.float64)
                 mass = torch.ones(o.shape[1], dtype=torch.float64, device=o.device)
+            elif sm.one_hot:  # a permutation, a selection: a gather, never a dense matrix
+                o = sm.gather()
+                mass = (o.source >= 0).to(torch.float64)
             else:
                 o, mass = _normalised_columns(sm.out.to(torch.float64))
             row_o.append(o)
@@ -73,15 +79,29 @@ def apply_maps(states: list[dict[str, torch.Tensor]], graphs: list[NetworkGraph]
                     integer[si] = t
                 tensors[i].append(t)
                 continue
-            t = t.to(torch.float64)
-            for s, ax in slot_axes(graphs[i], slot, i):
+            keep = torch.promote_types(t.dtype, torch.float32)
+            axes = slot_axes(graphs[i], slot, i)
+            dense = any(not isinstance(outs[i][s], Gather) for s, _ in axes)
+            t = t.to(torch.float64 if dense else keep)
+            for s, ax in axes:
                 sm = result.maps[i][s]
-                mat = outs[i][s] if ax.role == "out" else sm.inn.to(torch.float64)
-                if result.linear and slot.param == "running_var":  # a variance mixes with squared weights (>= 0;
-                    mat = mat * mat                                  # exact for a permutation)
-                t = transform_axis(t, ax, mat.to(t.device))
-            tensors[i].append(t)
+                if isinstance(outs[i][s], Gather):
+                    mat = outs[i][s]
+                    if _is_identity(mat):  # the target's own neurons: the tensor as it is (no copy)
+                        continue
+                else:
+                    mat = outs[i][s] if ax.role == "out" else sm.inn.to(torch.float64)
+                    if result.linear and slot.param == "running_var":  # a variance mixes with squared weights
+                        mat = mat * mat                                  # (>= 0; exact for a permutation)
+                    mat = mat.to(t.device)
+                t = transform_axis(t, ax, mat)
+            tensors[i].append(t.to(keep))
     return AlignedNetworks(slots, tensors, producing, masses, integer)
+
+
+def _is_identity(g: Gather) -> bool:
+    n = g.source.numel()
+    return g.n_src == n and bool((g.source == torch.arange(n, device=g.source.device)).all())
 
 
 def _missing_tensor(graph: NetworkGraph, slot: ParamSlot, state: dict) -> torch.Tensor:
@@ -110,7 +130,7 @@ def shares(aligned: AlignedNetworks, weights: list[float]) -> list[list[torch.Te
 
 
 def combine(aligned: AlignedNetworks, weights: list[float]) -> list[torch.Tensor]:
-    """The fused tensors (float64), one per slot."""
+    """The fused tensors, one per slot (in the aligned tensors' precision)."""
     beta = shares(aligned, weights)
     fused = []
     for si in range(len(aligned.slots)):
@@ -122,14 +142,17 @@ def combine(aligned: AlignedNetworks, weights: list[float]) -> list[torch.Tensor
         for i, w in enumerate(weights):
             t = aligned.tensors[i][si]
             if not producing:
-                term = w * t
+                b = torch.tensor(float(w), dtype=t.dtype, device=t.device)
             else:
                 axis = producing[0][1].axis
-                b = _shares_along(t.shape[axis], producing, beta[i], w).to(t.device)
+                b = _shares_along(t.shape[axis], producing, beta[i], w).to(device=t.device, dtype=t.dtype)
                 shape = [1] * t.dim()
                 shape[axis] = -1
-                term = b.reshape(shape) * t
-            total = term if total is None else total + term
+                b = b.reshape(shape)
+            if total is None:
+                total = b * t
+            else:
+                total.addcmul_(b, t)  # in place: no second full-size temporary
         fused.append(total)
     return fused
 
@@ -155,9 +178,9 @@ def fused_skeleton(model: nn.Module, graph: NetworkGraph, slots: list[ParamSlot]
 
     needs_change = any(w != sp.size for w, sp in zip(widths, graph.spaces, strict=False)) or \
         any(slot.keys[target] is None for slot in slots)
-    out = editable_copy(model) if needs_change else copy.deepcopy(model)
-    if not needs_change:
-        return out
+    if not needs_change:  # the target's structure; its tensors are replaced (in a copy) by every combine
+        return copy.deepcopy(model, {id(p): p for p in model.parameters()})
+    out = editable_copy(model)
     modules = dict(out.named_modules())
     bias_needed = {graph.modules[slot.module].name for slot in slots if slot.keys[target] is None}
     for info in graph.modules:

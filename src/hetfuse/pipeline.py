@@ -160,17 +160,10 @@ class PreparedFusion:
                 not torch.equal(self.samples, self.repair_samples):
             return None
         maps = self.match.maps
-        if self.match.linear or any(not _one_hot_columns(sm.out) for row in maps for sm in row):
+        if self.match.linear or any(not (sm.one_hot or _one_hot_columns(sm.out)) for row in maps for sm in row):
             return None
-        out = []
-        for i, row in enumerate(maps):
-            per = []
-            for s, sm in enumerate(row):
-                m = sm.out.to(torch.float64)
-                mean, std = st.mean(i, s), st.std(i, s)
-                per.append((m.to(mean.device).T @ mean, m.to(std.device).T @ std))
-            out.append(per)
-        return out
+        return [[(sm.pull(st.mean(i, s)), sm.pull(st.std(i, s))) for s, sm in enumerate(row)]
+                for i, row in enumerate(maps)]
 
 
 def _one_hot_columns(m: torch.Tensor) -> bool:
@@ -238,9 +231,16 @@ def gather_samples(data, n: int, *, seed: int = 0, at_least: int | None = None,
     return pool[torch.randperm(pool.shape[0], generator=g)[:n]]
 
 
+def _copy_sharing(model: nn.Module, device: torch.device) -> nn.Module:
+    """A deep copy of ``model`` (its own modules, buffers, training flags) holding the same parameter tensors where
+    they are already on ``device``."""
+    memo = {id(p): p for p in model.parameters() if p.device == torch.device(device)}
+    return copy.deepcopy(model, memo)
+
+
 def _check_finite(i: int, model: nn.Module) -> None:
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+    for name, p in model.state_dict().items():  # min and max carry any NaN / Inf (no full-size boolean copy)
+        if p.is_floating_point() and p.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(p))).all()):
             raise HetfuseError(f"model {i}: parameter '{name}' contains NaN or Inf")
 
 
@@ -317,7 +317,9 @@ def prepare_inputs(models: Sequence[nn.Module], data, config: FusionConfig
     from .io.sequential import remember_sequential_base
 
     # a plain nn.Sequential remembers its description, so that what the fusion makes of it saves without base=
-    models = [remember_sequential_base(copy.deepcopy(m).to(device).eval()) for m in models]
+    # the copies share the parameters already on ``device`` (no stage writes into an input network's parameters;
+    # layers it edits or inserts are new modules), so wide networks are not held twice
+    models = [remember_sequential_base(_copy_sharing(m, device).to(device).eval()) for m in models]
     try:
         graphs = [describe(m, example=x[:2]) for m in models]
     except RuntimeError as exc:
@@ -397,8 +399,10 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
 
     # 4) apply the maps (weight-independent part of the combination)
     t0 = time.perf_counter()
-    aligned = apply_maps(ctx.states(), graphs, slots, result, target)
-    ctx._states = None  # the float64 copies of the networks are no longer needed
+    ctx._states = None  # a weight-based matcher's float64 copies of the networks are no longer needed
+    match_stats = _moments_only(ctx._stats.get(("target", False), ctx._stats.get(("all", False))))
+    ctx._stats = {}  # nor the cross-model products of the activations
+    aligned = apply_maps([m.state_dict() for m in models], graphs, slots, result, target)
     skeleton = fused_skeleton(models[target], graphs[target], slots, result.widths, target)
     skeleton_graph = describe(skeleton, example=x[:2])
     timings["apply_maps_s"] = time.perf_counter() - t0
@@ -424,7 +428,16 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
     return PreparedFusion(config=config, target_index=target, skeleton=skeleton, graph=skeleton_graph,
                           aligned=aligned, match=result, balanced=models, balanced_graphs=graphs, samples=x,
                           repair_samples=x_repair, report=report,
-                          _match_stats=ctx._stats.get(("target", False), ctx._stats.get(("all", False))))
+                          _match_stats=match_stats)
+
+
+def _moments_only(st):
+    """The matcher's statistics without the cross-model products (n x n per space), which only matching reads."""
+    if st is None:
+        return None
+    from .graph.activations import SpaceStats
+
+    return SpaceStats(st.count, st.sums, st.squares, {}, st.eps)
 
 
 def fuse(models: Sequence[nn.Module], data, *, weights: Sequence[float] | None = None, target: int | None = None,

@@ -224,11 +224,16 @@ class SpaceStats:
 
     def covariance(self, i: int, j: int, s: int) -> torch.Tensor:
         n = self.count[s]
-        return self.gram(i, j, s) / n - torch.outer(self.mean(i, s), self.mean(j, s))
+        cov = self.gram(i, j, s) / n
+        return cov.addr_(self.mean(i, s).to(cov.device), self.mean(j, s).to(cov.device), alpha=-1.0)
 
     def correlation(self, i: int, j: int, s: int, eps: float = 1e-12) -> torch.Tensor:
-        cov = self.covariance(i, j, s)
-        return cov / (torch.outer(self.std(i, s), self.std(j, s)) + eps)
+        cov = self.covariance(i, j, s)  # a new tensor: divided in place by σᵢσⱼᵀ + eps, row by row
+        si, sj = self.std(i, s).to(cov.device), self.std(j, s).to(cov.device)
+        for start in range(0, cov.shape[0], 1024):
+            rows = cov[start:start + 1024]
+            rows.div_(torch.outer(si[start:start + 1024], sj).add_(eps))
+        return cov
 
 
 def read_nodes(graph: NetworkGraph, post: bool = False) -> list[list[str]]:
@@ -317,9 +322,10 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
         for (i, j) in pairs:
             if c[i] is None:
                 continue
-            ci, cj = c[i].to(raw[i].device), c[j].to(raw[i].device)
-            grams[(i, j)][s] = (grams[(i, j)][s] + torch.outer(ci, raw[j].to(ci.device)) +
-                                torch.outer(raw[i], cj) + n * torch.outer(ci, cj))
+            g = grams[(i, j)][s]  # Σ (a - cᵢ)(b - cⱼ)ᵀ -> Σ a bᵀ, in place (rank-one updates)
+            ci, cj = c[i].to(g.device), c[j].to(g.device)
+            g.addr_(ci, raw[j].to(g.device) + n * cj)
+            g.addr_(raw[i].to(g.device), cj)
         for i in range(k):
             if c[i] is None:
                 continue

@@ -167,12 +167,33 @@ class NetworkGraph:
         return first is not None and layer_op(first.kind).token_input
 
 
-def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Gather:
+    """A one-hot neuron-space map held as indices: fused neuron k is source neuron ``source[k]`` (−1: none, zeros).
+    Its dense ``n_src x n_dst`` matrix has a 1 at (``source[k]``, k); :func:`transform_axis` applies it as a
+    gather without forming that matrix."""
+
+    source: torch.Tensor  # long, (n_dst,)
+    n_src: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_src, int(self.source.numel()))
+
+    def dense(self, dtype=torch.float64, device=None) -> torch.Tensor:
+        m = torch.zeros(self.shape, dtype=dtype, device=device if device is not None else self.source.device)
+        k = torch.nonzero(self.source >= 0).flatten()
+        m[self.source[k].to(m.device), k.to(m.device)] = 1.0
+        return m
+
+
+def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor | Gather) -> torch.Tensor:
     """Apply a neuron-space map to one tied axis.
 
-    ``matrix`` is ``n_src x n_dst``. An ``out`` axis of size ``n_src`` becomes ``n_dst`` with
-    ``new[j] = sum_i matrix[i, j] * old[i]``; an ``in`` axis (size ``n_src * block``) the same, per block
-    entry. Both cases are the same contraction; only the block layout differs.
+    ``matrix`` is ``n_src x n_dst`` (a tensor, or a :class:`Gather`). An ``out`` axis of size ``n_src`` becomes
+    ``n_dst`` with ``new[j] = sum_i matrix[i, j] * old[i]``; an ``in`` axis (size ``n_src * block``) the same, per
+    block entry. Both cases are the same contraction; only the block layout differs. The result keeps the
+    tensor's dtype.
     """
     n_src, n_dst = matrix.shape
     if axis.offset is not None:  # a packed tensor: transform the space's segment, keep the rest
@@ -186,12 +207,28 @@ def transform_axis(tensor: torch.Tensor, axis: ParamAxis, matrix: torch.Tensor) 
                  transform_axis(tensor.narrow(axis.axis, axis.offset, n_src * blk), whole, matrix),
                  tensor.narrow(axis.axis, axis.offset + n_src * blk, length - axis.offset - n_src * blk)]
         return torch.cat(parts, dim=axis.axis)
+    blk = axis.block if axis.role == "in" else 1
+    if isinstance(matrix, Gather) and blk == 1:  # one gather along the axis itself
+        if tensor.shape[axis.axis] != n_src:
+            raise ValueError(f"{axis.name}: axis {axis.axis} has size {tensor.shape[axis.axis]}, expected {n_src}")
+        src = matrix.source.to(tensor.device)
+        out = tensor.index_select(axis.axis, src.clamp_min(0))
+        if bool((src < 0).any()):
+            shape = [1] * out.dim()
+            shape[axis.axis] = -1
+            out = out * (src >= 0).to(out.dtype).view(shape)
+        return out
     t = tensor.movedim(axis.axis, 0)
     rest = t.shape[1:]
-    blk = axis.block if axis.role == "in" else 1
     if t.shape[0] != n_src * blk:
         raise ValueError(f"{axis.name}: axis {axis.axis} has size {t.shape[0]}, expected {n_src}x{blk}")
     t = t.reshape(n_src, blk, -1)
+    if isinstance(matrix, Gather):
+        src = matrix.source.to(t.device)
+        out = t.index_select(0, src.clamp_min(0))
+        if bool((src < 0).any()):
+            out = out * (src >= 0).to(t.dtype).view(-1, 1, 1)
+        return out.reshape(n_dst * blk, *rest).movedim(0, axis.axis).contiguous()
     m = matrix.to(dtype=t.dtype, device=t.device)
     sel = _single_source(m)
     if sel is not None:  # every target takes one source (a permutation, a copy, a selection): a gather

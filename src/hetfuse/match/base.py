@@ -19,24 +19,86 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..graph.activations import SpaceStats, space_statistics
 from ..graph.correspond import ParamSlot
-from ..graph.spec import NetworkGraph, transform_axis
+from ..graph.spec import Gather, NetworkGraph, transform_axis
 from ..registry import Method
 
 
-@dataclass
 class SpaceMap:
-    out: torch.Tensor  # n_i x r, producing side (non-negative; columns normalised per network when applied)
-    inn: torch.Tensor  # n_i x r, consuming side
+    """Network i's map of one neuron space: ``out`` and ``inn``, two ``n_i x r`` matrices (see the module
+    docstring). A one-hot map — a permutation, a selection: every neuron of network i goes to one fused neuron,
+    every fused neuron takes at most one — is held as indices (``cols[j]`` = the fused neuron network i's neuron j
+    goes to; ``out = inn``) and applied as a gather, so wide layers never form the dense ``n x r`` matrices;
+    ``out`` / ``inn`` then build them on demand (not kept)."""
+
+    __slots__ = ("_out", "_inn", "cols", "width")
+
+    def __init__(self, out: torch.Tensor | None = None, inn: torch.Tensor | None = None, *,
+                 cols: torch.Tensor | None = None, width: int | None = None):
+        if cols is None and (out is None or inn is None):
+            raise ValueError("SpaceMap needs out and inn matrices, or cols")
+        self._out, self._inn = out, inn
+        self.cols = None if cols is None else torch.as_tensor(cols, dtype=torch.long).cpu()
+        if self.cols is not None:
+            n = self.cols.numel()
+            width = n if width is None else int(width)
+            if n and (int(self.cols.min()) < 0 or int(self.cols.max()) >= width or
+                      int(torch.unique(self.cols).numel()) != n):
+                raise ValueError(f"cols must send {n} neurons to distinct fused neurons in [0, {width})")
+        self.width = width
+
+    @classmethod
+    def from_cols(cls, cols, width: int | None = None) -> SpaceMap:
+        """The one-hot map sending neuron j to fused neuron ``cols[j]`` (of ``width``, default ``len(cols)``)."""
+        return cls(cols=torch.as_tensor(np.asarray(cols), dtype=torch.long), width=width)
 
     @classmethod
     def identity(cls, n: int, device=None) -> SpaceMap:
-        eye = torch.eye(n, dtype=torch.float64, device=device)
-        return cls(eye, eye.clone())
+        return cls(cols=torch.arange(n), width=n)
+
+    @property
+    def one_hot(self) -> bool:
+        return self.cols is not None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.cols is not None:
+            return (self.cols.numel(), self.width)
+        return tuple(self._out.shape)
+
+    def gather(self) -> Gather:
+        """The map as a :class:`~hetfuse.graph.spec.Gather` (one-hot maps only)."""
+        source = torch.full((self.width,), -1, dtype=torch.long)
+        source[self.cols] = torch.arange(self.cols.numel())
+        return Gather(source, self.cols.numel())
+
+    def pull(self, v: torch.Tensor) -> torch.Tensor:
+        """``outᵀ v``: a per-neuron quantity of network i at the fused neurons (0 where none of its neurons is)."""
+        if self.cols is None:
+            return self._out.to(device=v.device, dtype=v.dtype).T @ v
+        out = torch.zeros(self.width, dtype=v.dtype, device=v.device)
+        out[self.cols.to(v.device)] = v
+        return out
+
+    def _dense(self) -> torch.Tensor:
+        return self.gather().dense()
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self._dense() if self.cols is not None else self._out
+
+    @property
+    def inn(self) -> torch.Tensor:
+        return self._dense() if self.cols is not None else self._inn
+
+    def __repr__(self) -> str:
+        kind = "one-hot" if self.cols is not None else "dense"
+        return f"SpaceMap({kind}, {self.shape[0]} -> {self.shape[1]})"
 
 
 @dataclass

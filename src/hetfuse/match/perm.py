@@ -28,11 +28,7 @@ def _equal_widths(ctx: MatchContext, name: str) -> list[int]:
 
 def permutation_map(cols: np.ndarray | torch.Tensor) -> SpaceMap:
     """The map of a permutation given as ``cols[j]`` = the fused neuron that neuron j goes to."""
-    cols = torch.as_tensor(np.asarray(cols), dtype=torch.long)
-    n = cols.numel()
-    m = torch.zeros(n, n, dtype=torch.float64)
-    m[torch.arange(n), cols] = 1.0
-    return SpaceMap(m, m.clone())
+    return SpaceMap.from_cols(cols)
 
 
 def partial_maps(cols: list[list[np.ndarray] | None], scores: list[list[np.ndarray] | None], widths: list[int],
@@ -52,9 +48,8 @@ def partial_maps(cols: list[list[np.ndarray] | None], scores: list[list[np.ndarr
     for i in range(k):
         row = []
         for s, n in enumerate(widths):
-            m = torch.zeros(n, fused[s], dtype=torch.float64)
             if cols[i] is None:
-                m[torch.arange(n), torch.arange(n)] = 1.0
+                c = np.arange(n)
             else:
                 c = np.asarray(cols[i][s]).copy()
                 if extra[i][s]:
@@ -62,8 +57,7 @@ def partial_maps(cols: list[list[np.ndarray] | None], scores: list[list[np.ndarr
                     apart = np.argsort(quality, kind="stable")[:extra[i][s]]
                     start = n + sum(extra[j][s] for j in range(i))
                     c[np.sort(apart)] = start + np.arange(extra[i][s])
-                m[torch.arange(n), torch.as_tensor(c)] = 1.0
-            row.append(SpaceMap(m, m.clone()))
+            row.append(SpaceMap.from_cols(c, fused[s]))
         maps.append(row)
     return fused, maps, extra
 
@@ -105,11 +99,18 @@ class PermActs(NeuronMatcher):
                 all_corr.append(None)
                 solvers.append(["identity"] * len(widths))
                 continue
-            corr = [st.correlation(i, t, s).cpu().numpy() for s in range(ctx.n_spaces)]
-            found = parallel_map(lambda c: solve_assignment(c, maximize=True), corr)
-            all_cols.append(restrict_to_heads([c for c, _ in found], corr, attention))
+            def solve(s: int, i: int = i) -> tuple[np.ndarray, str, np.ndarray | None]:
+                # one space's correlations at a time (n x n float64 each: wide layers), kept only where read again
+                corr = st.correlation(i, t, s).cpu().numpy()
+                cols, name = solve_assignment(corr, maximize=True)
+                return cols, name, corr if (self.params.budget > 1.0 or s in heads) else None
+
+            found = parallel_map(solve, list(range(ctx.n_spaces)))
+            corr = [c for _, _, c in found]
+            all_cols.append(restrict_to_heads([c for c, _, _ in found], corr, attention))
             all_corr.append(corr)
-            solvers.append([name + (" (heads as units)" if s in heads else "") for s, (_, name) in enumerate(found)])
+            solvers.append([name + (" (heads as units)" if s in heads else "")
+                            for s, (_, name, _) in enumerate(found)])
         if self.params.budget == 1.0:
             maps = [[SpaceMap.identity(n) for n in widths] if c is None else [permutation_map(p) for p in c]
                     for c in all_cols]
