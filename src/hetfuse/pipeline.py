@@ -386,9 +386,11 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
     target = config.target if config.target is not None else min(range(len(models)), key=lambda i: depths[i])
 
     # 1) depth alignment and 2) balancing
+    memory = _StagePeaks(x.device)
     t0 = time.perf_counter()
     models, graphs, depth = balance_depths(models, graphs, x, x_repair, config, target)
     timings["depth_s"] = time.perf_counter() - t0
+    memory.mark("depth")
 
     # 3) neuron matching
     t0 = time.perf_counter()
@@ -396,6 +398,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
     ctx = MatchContext(models, graphs, target, slots, x, progress=config.progress, seed=config.seed)
     result = config.method("match").match(ctx)
     timings["match_s"] = time.perf_counter() - t0
+    memory.mark("match")
 
     # 4) apply the maps (weight-independent part of the combination)
     t0 = time.perf_counter()
@@ -407,6 +410,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
     skeleton_graph = describe(skeleton, example=x[:2])
     timings["apply_maps_s"] = time.perf_counter() - t0
     timings["prepare_total_s"] = time.perf_counter() - t_start
+    memory.mark("apply_maps")
 
     report = {
         "n_models": len(models),
@@ -422,6 +426,7 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
         "samples": int(x.shape[0]),
         "repair_samples": int(x_repair.shape[0]),
         "timings": timings,
+        **({"gpu_peak_mb": memory.peaks} if memory.peaks else {}),
         "notes": list(depth.notes) + attention_notes(graphs, result, target),
         "config": config.to_dict(),
     }
@@ -429,6 +434,23 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
                           aligned=aligned, match=result, balanced=models, balanced_graphs=graphs, samples=x,
                           repair_samples=x_repair, report=report,
                           _match_stats=match_stats)
+
+
+class _StagePeaks:
+    """Peak CUDA memory per stage (MB; the allocator's peak since the previous mark), for models on a GPU; empty
+    elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.peaks: dict[str, float] = {}
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    def mark(self, stage: str) -> None:
+        if self.cuda:
+            self.peaks[stage] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+            torch.cuda.reset_peak_memory_stats(self.device)
 
 
 def _moments_only(st):
@@ -465,9 +487,13 @@ def fuse(models: Sequence[nn.Module], data, *, weights: Sequence[float] | None =
     t0 = time.perf_counter()
     prepared = prepare_fusion(models, data, config)
     t1 = time.perf_counter()
+    memory = _StagePeaks(prepared.samples.device)
     model = prepared.combine()
+    memory.mark("combine")
     report = dict(prepared.report)
     report["timings"] = dict(report["timings"], combine_s=time.perf_counter() - t1, total_s=time.perf_counter() - t0)
+    if memory.peaks:
+        report["gpu_peak_mb"] = dict(report.get("gpu_peak_mb", {}), **memory.peaks)
     report["weights"] = prepared.config.weights
     return FusionResult(model=model, report=report, config=prepared.config)
 

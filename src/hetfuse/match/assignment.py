@@ -11,6 +11,7 @@ costs of deep layers it can be 40× slower (7 s against 0.15 s at 1024 × 1024),
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..errors import HetfuseError
 
@@ -28,11 +29,15 @@ def _lapjv():
     return _LAPJV or None
 
 
-def solve_assignment(cost: np.ndarray, *, maximize: bool = False, solver: str = "scipy") -> tuple[np.ndarray, str]:
+def solve_assignment(cost, *, maximize: bool = False, solver: str = "scipy") -> tuple[np.ndarray, str]:
     """The column assigned to every row of a square ``cost`` matrix, minimising (or maximising) the total, and the
-    name of the solver that gave it (``lapjv`` or ``scipy``). ``solver``: ``scipy`` or ``lapjv``."""
+    name of the solver that gave it (``lapjv`` or ``scipy``). ``solver``: ``scipy`` or ``lapjv``. ``cost``: a
+    NumPy array or a torch tensor on any device — the solvers run on the host, so this is where a cost leaves the
+    device (once); the assignment comes back as a host array of indices."""
     if solver not in ("scipy", "lapjv"):
         raise HetfuseError(f"unknown assignment solver {solver!r}; known: scipy, lapjv")
+    if isinstance(cost, torch.Tensor):
+        cost = cost.detach().to(device="cpu", dtype=torch.float64).numpy()
     c = np.ascontiguousarray(cost, dtype=np.float64)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
         raise HetfuseError(f"assignment needs a square matrix, got shape {c.shape}")

@@ -121,9 +121,9 @@ def exact_permutation(st: SpaceStats, i: int, t: int, s: int, tol: float | None 
     # a permuted copy has the same second moments, in another order: a cheap test before the assignment
     if float((sq_i.sort().values - sq_t.sort().values).abs().sum()) > 1e-4 * scale:
         return None
-    d = st.sq_distances(i, t, s).cpu().numpy()
+    d = st.sq_distances(i, t, s)
     cols, _ = solve_assignment(d)
-    if float(d[np.arange(len(cols)), cols].sum()) > tol * scale:
+    if float(d[torch.arange(len(cols), device=d.device), torch.as_tensor(cols, device=d.device)].sum()) > tol * scale:
         return None
     return cols
 
@@ -164,7 +164,7 @@ class CCA(NeuronMatcher):
                 for s in (att.qk, att.v):
                     _need_equal(ctx.graphs[i].spaces[s].size, widths[s], i, s, graph.spaces[s].name,
                                 "the spaces of attention heads")
-                corr = [st.correlation(i, t, s).cpu().numpy() for s in (att.qk, att.v)]
+                corr = [st.correlation(i, t, s) for s in (att.qk, att.v)]
                 for s, cols in zip((att.qk, att.v), head_structured(corr, att.heads), strict=True):
                     row[s], names[s] = permutation_map(cols), "permutation (heads as units)"
             for s, n_t in enumerate(widths):
@@ -173,7 +173,7 @@ class CCA(NeuronMatcher):
                 n_i = ctx.graphs[i].spaces[s].size
                 if s in depthwise:
                     _need_equal(n_i, n_t, i, s, graph.spaces[s].name, "a space read by a depthwise convolution")
-                    cols, _ = solve_assignment(st.correlation(i, t, s).cpu().numpy(), maximize=True)
+                    cols, _ = solve_assignment(st.correlation(i, t, s), maximize=True)
                     row[s], names[s] = permutation_map(cols), "permutation (depthwise convolution)"
                     continue
                 cols = exact_permutation(st, i, t, s)
@@ -182,7 +182,7 @@ class CCA(NeuronMatcher):
                     continue
                 cov_a, cov_b = st.covariance(i, i, s), st.covariance(t, t, s)
                 out, inn, rho = cca_maps(cov_a, cov_b, st.covariance(i, t, s), self.params.reg)
-                row[s], names[s] = SpaceMap(out.cpu(), inn.cpu()), "cca"
+                row[s], names[s] = SpaceMap(out, inn), "cca"
                 mean_rho[s] = float(rho.mean()) if rho.numel() else 0.0
             maps.append(row)
             solvers.append(names)

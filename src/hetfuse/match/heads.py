@@ -12,15 +12,17 @@ from ..graph.spec import Attention
 from .assignment import solve_assignment
 
 
-def head_structured(scores: list[np.ndarray], heads: int, *, maximize: bool = True) -> list[np.ndarray]:
+def head_structured(scores: list, heads: int, *, maximize: bool = True) -> list[np.ndarray]:
     """The best head-structured permutation of one attention's spaces.
 
-    ``scores``: per space (query/key, value), an ``n x n`` matrix of model i's neurons (rows) against the target's
-    (columns), ``n = heads x d``. Head a of model i is assigned to head b of the target by a linear assignment over
-    heads whose score is the sum over the spaces of the best within-head assignment of the (a, b) blocks; each
-    space then gets those within-head assignments. Returns per space ``cols`` (model i's neuron j goes to target
-    neuron ``cols[j]``), as :func:`~hetfuse.match.assignment.solve_assignment`."""
-    g = np.zeros((heads, heads))
+    ``scores``: per space (query/key, value), an ``n x n`` matrix (a torch tensor on any device, or a NumPy array)
+    of model i's neurons (rows) against the target's (columns), ``n = heads x d``. Head a of model i is assigned to
+    head b of the target by a linear assignment over heads whose score is the sum over the spaces of the best
+    within-head assignment of the (a, b) blocks; each space then gets those within-head assignments. Returns per
+    space ``cols`` (model i's neuron j goes to target neuron ``cols[j]``), as
+    :func:`~hetfuse.match.assignment.solve_assignment`."""
+    scores = [torch.as_tensor(c) for c in scores]
+    g = torch.zeros(heads, heads, dtype=torch.float64)
     within: dict[tuple[int, int, int], np.ndarray] = {}
     for k, c in enumerate(scores):
         d = c.shape[0] // heads
@@ -29,7 +31,8 @@ def head_structured(scores: list[np.ndarray], heads: int, *, maximize: bool = Tr
                 block = c[a * d:(a + 1) * d, b * d:(b + 1) * d]
                 cols, _ = solve_assignment(block, maximize=maximize)
                 within[k, a, b] = cols
-                g[a, b] += block[np.arange(d), cols].sum()
+                g[a, b] += float(block[torch.arange(d, device=block.device),
+                                       torch.as_tensor(cols, device=block.device)].sum())
     head_cols, _ = solve_assignment(g, maximize=maximize)
     out = []
     for k, c in enumerate(scores):

@@ -53,8 +53,9 @@ def partial_maps(cols: list[list[np.ndarray] | None], scores: list[list[np.ndarr
             else:
                 c = np.asarray(cols[i][s]).copy()
                 if extra[i][s]:
-                    quality = scores[i][s][np.arange(n), c]
-                    apart = np.argsort(quality, kind="stable")[:extra[i][s]]
+                    sc = torch.as_tensor(scores[i][s])
+                    quality = sc[torch.arange(n, device=sc.device), torch.as_tensor(c, device=sc.device)]
+                    apart = torch.argsort(quality, stable=True)[:extra[i][s]].cpu().tolist()
                     start = n + sum(extra[j][s] for j in range(i))
                     c[np.sort(apart)] = start + np.arange(extra[i][s])
             row.append(SpaceMap.from_cols(c, fused[s]))
@@ -101,7 +102,7 @@ class PermActs(NeuronMatcher):
                 continue
             def solve(s: int, i: int = i) -> tuple[np.ndarray, str, np.ndarray | None]:
                 # one space's correlations at a time (n x n float64 each: wide layers), kept only where read again
-                corr = st.correlation(i, t, s).cpu().numpy()
+                corr = st.correlation(i, t, s)  # on the models' device; the solver takes it to the host
                 cols, name = solve_assignment(corr, maximize=True)
                 return cols, name, corr if (self.params.budget > 1.0 or s in heads) else None
 

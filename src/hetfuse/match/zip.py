@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from ..errors import HetfuseError
@@ -236,9 +237,9 @@ class _Zip(NeuronMatcher):
             per_model = []
             for i in range(ctx.n_models):
                 if i == t:
-                    per_model.append([torch.arange(ctx.graphs[t].spaces[s].size).numpy() for s in (att.qk, att.v)])
+                    per_model.append([np.arange(ctx.graphs[t].spaces[s].size) for s in (att.qk, att.v)])
                     continue
-                scores = [st.correlation(i, t, s).cpu().numpy() for s in (att.qk, att.v)]
+                scores = [st.correlation(i, t, s) for s in (att.qk, att.v)]
                 per_model.append(head_structured(scores, att.heads))
             out[att.qk] = [cols[0] for cols in per_model]
             out[att.v] = [cols[1] for cols in per_model]
