@@ -41,3 +41,36 @@ def test_repair_mean_std_is_exact_enough_in_float32():
     torch.testing.assert_close(mean, ref_m, rtol=1e-7, atol=1e-3)
     torch.testing.assert_close(std, ref_s, rtol=1e-4, atol=1e-4)
     assert mean.dtype == std.dtype == torch.float64
+
+
+def test_fewer_positions_per_sample_are_the_same_observations_in_every_model():
+    from hetfuse import FusionConfig, fuse
+    from hetfuse.graph.activations import spread_positions
+    from models_zoo_for_tests import inputs, make
+
+    t = torch.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5)
+    s = spread_positions(t, 6)
+    assert s.shape == (2, 3, 6) and s[..., 0].equal(t[..., 0, 0]) and s[..., -1].equal(t[..., -1, -1])
+    assert spread_positions(t, 20) is t and spread_positions(t, None) is t
+
+    data = inputs("resnet-projection", 48, 0)
+    a = make("resnet-projection", 0, data)
+    g = describe(a)
+    exact = space_statistics([a, a], [g, g], data, pairs=[(0, 1)])
+    few = space_statistics([a, a], [g, g], data, pairs=[(0, 1)], positions=8)
+    assert all(f < e for f, e in zip(few.count, exact.count, strict=True))
+    every = space_statistics([a, a], [g, g], data, pairs=[(0, 1)], positions=10 ** 6)
+    assert every.count == exact.count
+    for s in range(len(g.spaces)):  # a model against itself: still perfectly correlated on the subset
+        c = few.correlation(0, 1, s).diagonal()
+        assert bool((c > 1 - 1e-4).all())
+
+    # a network fused with a copy of itself whose neurons are permuted comes back with positions=8 too
+    from hetfuse.graph import permuted_copy
+
+    b = permuted_copy(a, describe(a, example=data[:2]), seed=3)[0]
+    fused = fuse([a, b], data, config=FusionConfig(match="perm-acts", samples=48, repair="none", positions=8)).model
+    with torch.no_grad():
+        torch.testing.assert_close(fused(data[:8]), a(data[:8]), rtol=1e-4, atol=1e-4)
+    cfg = FusionConfig(positions=16)
+    assert FusionConfig.from_dict(cfg.to_dict()).positions == 16 and FusionConfig().to_dict().get("positions") is None

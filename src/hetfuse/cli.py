@@ -28,7 +28,7 @@ def _add_common(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
 
 
 _RESERVED = {"weights", "target", "samples", "repair_samples", "seed", "progress", "mapping", "preserve_until",
-             "preserve_renorm"}
+             "preserve_renorm", "positions"}
 
 
 def _method_params(families=None) -> dict[str, tuple]:
@@ -156,7 +156,7 @@ def _config_from_args(a, weights=None, **fixed):
                 depth_align=depth, balance=getattr(a, "balance", None), match=getattr(a, "match", None),
                 repair=getattr(a, "repair", None), samples=a.samples,
                 repair_samples=getattr(a, "repair_samples", 2000), seed=a.seed, progress=not a.quiet)
-    for run_option in ("preserve_until", "preserve_renorm"):  # fuse's: given only where the command has the flag
+    for run_option in ("preserve_until", "preserve_renorm", "positions"):  # given only where the command has the flag
         if getattr(a, run_option, None) is not None:
             opts[run_option] = getattr(a, run_option)
     opts.update(fixed)
@@ -268,6 +268,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repair-samples", type=int, default=2000,
                    help="samples for the repair statistics (default 2000, or the whole training split if smaller)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positions", type=int, default=None, metavar="N",
+                   help="per sample, at most N positions (pixels of a feature map, tokens) enter the matching "
+                        "statistics, evenly spread, the same in every model (default: all, exact); faster for "
+                        "convolutional networks and long token sequences")
     p.add_argument("--preserve-until", type=int, default=None, metavar="K",
                    help="keep the first K depth units of every model unmerged (one branch per model, their outputs "
                         "averaged) and merge from unit K on: a MultiBranch network; 0 or unset: the plain merge")

@@ -49,7 +49,9 @@ class FusionConfig:
     ``seed``, ``progress``, ``preserve_until`` (keep the first K depth units of every model unmerged, one branch per
     model, and merge from unit K on — :class:`~hetfuse.branches.MultiBranch`; None or 0: the plain merge) and
     ``preserve_renorm`` (with ``preserve_until``: set the averaged branch features' mean and std on the repair samples
-    to the share-weighted mean and std of the branches' own; default True).
+    to the share-weighted mean and std of the branches' own; default True) and ``positions`` (per sample, at most
+    this many positions — pixels of a feature map, tokens — enter the matching statistics, the same evenly spread
+    ones in every model; None, the default: all, exact).
 
     Stages: ``similarity`` (alias ``representation``), ``depth_align``, ``balance``, ``match``, ``repair``
     each take a method name; ``repair`` also takes ``True`` (= ``"auto"``) and ``False`` (= ``"none"``).
@@ -60,7 +62,7 @@ class FusionConfig:
 
     def __init__(self, *, weights=None, target: int | None = None, samples: int = 400,
                  repair_samples: int = 2000, seed: int = 0, progress: bool = False,
-                 preserve_until: int | None = None, preserve_renorm: bool = True,
+                 preserve_until: int | None = None, preserve_renorm: bool = True, positions: int | None = None,
                  similarity: str | None = None, representation: str | None = None, depth_align: str | None = None,
                  balance: str | None = None, match: str | None = None, repair: str | bool | None = None,
                  stages: dict | None = None, **params) -> None:
@@ -110,6 +112,7 @@ class FusionConfig:
         self.progress = bool(progress)
         self.preserve_until = preserve_until
         self.preserve_renorm = preserve_renorm
+        self.positions = positions
         self.validate()
 
     # ----------------------------------------------------------------------------------- access
@@ -147,8 +150,8 @@ class FusionConfig:
     def replace(self, **changes) -> FusionConfig:
         """A copy with some options changed (same rules as the constructor)."""
         d = self.to_dict()
-        run = {k: d[k] for k in ("weights", "target", "samples", "repair_samples", "seed", "preserve_until",
-                                 "preserve_renorm")}
+        run = {k: d.get(k) for k in ("weights", "target", "samples", "repair_samples", "seed", "preserve_until",
+                                     "preserve_renorm", "positions")}
         run["progress"] = self.progress
         stages = {s: dict(v) for s, v in d["stages"].items()}
         for s in STAGES:
@@ -186,6 +189,10 @@ class FusionConfig:
         k = self.preserve_until
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise HetfuseError(f"preserve_until must be a number of depth units (an integer >= 0), got {k!r}")
+        q = self.positions
+        if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
+            raise HetfuseError(f"positions must be a number of positions per sample (an integer >= 1) or None "
+                               f"(all), got {q!r}")
         if not isinstance(self.preserve_renorm, bool):
             raise HetfuseError(f"preserve_renorm must be True or False, got {self.preserve_renorm!r}")
         if k and self.stages["match"].params.get("zip_until"):
@@ -206,6 +213,7 @@ class FusionConfig:
         return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "weights": self.weights, "target": self.target,
                 "samples": self.samples, "repair_samples": self.repair_samples, "seed": self.seed,
                 "preserve_until": self.preserve_until, "preserve_renorm": self.preserve_renorm,
+                **({"positions": self.positions} if self.positions is not None else {}),
                 "stages": {s: st.to_dict() for s, st in self.stages.items()}}
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -225,7 +233,7 @@ class FusionConfig:
                 raise HetfuseError(f"fusion configuration version {version} is not supported "
                                    f"(this hetfuse reads versions 1 and {CONFIG_VERSION})")
             run = {k: d[k] for k in ("weights", "target", "samples", "repair_samples", "seed", "progress",
-                                     "preserve_until", "preserve_renorm") if k in d}
+                                     "preserve_until", "preserve_renorm", "positions") if k in d}
             return cls(stages=d["stages"], **run)
         return cls._from_flat(d)
 
@@ -270,7 +278,8 @@ def _unknown_param_message(key: str, chosen: dict) -> str:
                         if key in {p.name for p in param_infos(cls)}})
     hint = f"; it is a parameter of {', '.join(elsewhere)}" if elsewhere else ""
     return (f"unknown fusion option {key!r}{hint}. The chosen methods take: " + "; ".join(parts) +
-            "; run options: weights, target, samples, repair_samples, seed, progress, preserve_until, preserve_renorm")
+            "; run options: weights, target, samples, repair_samples, seed, progress, preserve_until, preserve_renorm, "
+            "positions")
 
 
 def _check_weight_values(weights) -> list[float]:

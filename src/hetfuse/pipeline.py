@@ -395,7 +395,8 @@ def prepare_fusion(models: Sequence[nn.Module], data, config: FusionConfig | Non
     # 3) neuron matching
     t0 = time.perf_counter()
     slots: list[ParamSlot] = param_slots(graphs)
-    ctx = MatchContext(models, graphs, target, slots, x, progress=config.progress, seed=config.seed)
+    ctx = MatchContext(models, graphs, target, slots, x, progress=config.progress, seed=config.seed,
+                       positions=config.positions)
     result = config.method("match").match(ctx)
     timings["match_s"] = time.perf_counter() - t0
     memory.mark("match")

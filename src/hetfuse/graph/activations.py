@@ -266,11 +266,27 @@ def _batch_for(graphs: Sequence[NetworkGraph], reads: list[list[list[str]]], bat
     return max(1, min(batch_size, budget // max(1, per_sample)))
 
 
+def spread_positions(t: torch.Tensor, positions: int | None) -> torch.Tensor:
+    """A node's value (N x C x positions...) with at most ``positions`` positions per sample, evenly spread over the
+    flattened positions (the same ones for every tensor of that shape, so every model's rows stay the same
+    observations); unchanged where it has no more, or ``positions`` is None."""
+    if positions is None or t.dim() <= 2:
+        return t
+    flat = t.flatten(2)
+    p = flat.shape[2]
+    if p <= positions:
+        return t
+    idx = torch.linspace(0, p - 1, positions, dtype=torch.float64).round().long().to(t.device)
+    return flat.index_select(2, idx)
+
+
 def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph], x: torch.Tensor, *,
-                     pairs: Sequence[tuple[int, int]] = (), batch_size: int = 250, post: bool = False) -> SpaceStats:
+                     pairs: Sequence[tuple[int, int]] = (), batch_size: int = 250, post: bool = False,
+                     positions: int | None = None) -> SpaceStats:
     """Moments of every space of every model on the same inputs (models of corresponding structure: space s
     of every model is read at corresponding nodes, so rows are the same observations). ``post``: read after the
-    activations (see :func:`read_nodes`)."""
+    activations (see :func:`read_nodes`). ``positions``: per sample and read point, at most this many positions
+    (pixels, tokens; :func:`spread_positions`); None: all."""
     k = len(models)
     n_spaces = len(graphs[0].spaces)
     pairs = sorted({(min(i, j), max(i, j)) for i, j in pairs})
@@ -297,7 +313,7 @@ def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph]
                 for s in range(n_spaces):  # one space at a time: its rows only while it is summed
                     feats = []
                     for i, (v, per_space) in enumerate(zip(vals, reads, strict=False)):
-                        f = torch.cat([rows(v[n]) for n in per_space[s]])
+                        f = torch.cat([rows(spread_positions(v[n], positions)) for n in per_space[s]])
                         work = torch.promote_types(work, f.dtype)
                         if shifts[i][s] is None:  # the first batch's mean: moments of shifted values keep
                             shifts[i][s] = f.mean(0)  # their precision in float32 (no E[x²] - E[x]² cancellation)

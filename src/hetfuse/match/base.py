@@ -130,6 +130,7 @@ class MatchContext:
     x: torch.Tensor
     progress: bool = False
     seed: int = 0
+    positions: int | None = None  # per sample, at most this many positions in the statistics (None: all)
     _states: list[dict] | None = field(default=None, repr=False)
     _stats: dict = field(default_factory=dict, repr=False)
 
@@ -161,7 +162,8 @@ class MatchContext:
                 wanted = [(i, self.target) for i in range(k) if i != self.target]
             else:
                 wanted = []
-            self._stats[key] = space_statistics(self.models, self.graphs, self.x, pairs=wanted, post=post)
+            self._stats[key] = space_statistics(self.models, self.graphs, self.x, pairs=wanted, post=post,
+                                                 positions=self.positions)
         return self._stats[key]
 
     def producing_rows(self, i: int, s: int, inn: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
