@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import HetfuseError
-from ..graph.spec import transform_axis
+from ..graph.spec import ParamAxis
 from ..registry import register
 from .assignment import solve_assignment
 from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap
@@ -38,20 +38,31 @@ class PermWeights(NeuronMatcher):
     def match(self, ctx: MatchContext) -> MatchResult:
         widths = _equal_widths(ctx, self.name)
         t = ctx.target
-        maps, solvers, sweeps = [], [], []
+        maps, solvers, sweeps, solves, objectives = [], [], [], [], []
         for i in range(ctx.n_models):
             if i == t:
                 maps.append([SpaceMap.identity(n) for n in widths])
                 solvers.append(["identity"] * len(widths))
                 continue
-            perms, n_sweeps = self._match_pair(ctx, i, t, widths)
+            perms, n_sweeps, n_solves, objective = self._match_pair(ctx, i, t, widths)
             maps.append([permutation_map(p) for p in perms])
             solvers.append(["weight-matching"] * len(widths))
             sweeps.append(n_sweeps)
-        return MatchResult(widths, maps, {"solvers": solvers, "sweeps": sweeps})
+            solves.append(n_solves)
+            objectives.append(objective)
+        return MatchResult(widths, maps, {"solvers": solvers, "sweeps": sweeps, "solves": solves,
+                                          "objective": objectives})
 
     def _match_pair(self, ctx: MatchContext, i: int, t: int, widths: list[int]):
-        """Permutations (neuron j of model i goes to target neuron perm[j]) maximising Σ ⟨W_t, P W_i⟩."""
+        """Permutations (neuron j of model i goes to target neuron perm[j]) maximising Σ ⟨W_t, P W_i⟩, by
+        coordinate descent: each step solves one space (an attention's two spaces together) exactly with the
+        others fixed, in a random order per sweep, and keeps the new permutation only when it raises the objective;
+        the descent stops after a sweep that changes nothing.
+
+        The cost of a space is a sum of terms ``rows(A permuted along its other axes) @ rows(B)ᵀ``, one per tied
+        axis. A term is recomputed only when a permutation it reads has changed, and a space is solved again only
+        when its cost has changed since its last solve (else the same assignment would come back and be rejected):
+        the steps taken, hence the permutations, are those of solving every space in every sweep."""
         from ..graph.correspond import slot_axes
 
         states = ctx.states()
@@ -67,18 +78,16 @@ class PermWeights(NeuronMatcher):
             axes = slot_axes(graph_i, slot, i)
             if axes:
                 tied.append((a, b, axes))
-        by_space: dict[int, list[int]] = {}
-        for k, (_, _, axes) in enumerate(tied):
-            for s, _ in axes:
-                by_space.setdefault(s, []).append(k)
+        terms: dict[int, list[_Term]] = {}
+        for a, b, axes in tied:
+            for idx, (s, ax) in enumerate(axes):
+                others = [(s2, ax2) for jdx, (s2, ax2) in enumerate(axes)
+                          if jdx != idx and not _disjoint(ax, ax2, widths[s], widths[s2])]
+                terms.setdefault(s, []).append(_Term(a, b, ax, widths[s], others))
         perms = [np.arange(n) for n in widths]
+        inverse = [torch.arange(n, device=_device(states[i])) for n in widths]  # new neuron c = old inverse[c]
+        version = [0] * len(widths)  # how often each space's permutation has changed
         gen = np.random.default_rng(self.params.seed)
-
-        def perm_matrix(p: np.ndarray) -> torch.Tensor:
-            n = len(p)
-            m = torch.zeros(n, n, dtype=torch.float64)
-            m[torch.arange(n), torch.as_tensor(p)] = 1.0
-            return m
 
         partner = {}  # an attention's query/key and value spaces are solved together (heads as units)
         for att in ctx.graphs[t].attention:
@@ -86,22 +95,19 @@ class PermWeights(NeuronMatcher):
 
         def cost_of(s: int) -> np.ndarray:
             n = widths[s]
-            cost = torch.zeros(n, n, dtype=torch.float64)
-            for k in by_space.get(s, []):
-                a, b, axes = tied[k]
-                for idx, (s2, ax) in enumerate(axes):
-                    if s2 != s:
-                        continue
-                    aa = a
-                    for jdx, (s3, ax3) in enumerate(axes):  # every other tied axis at its current permutation
-                        if jdx != idx:
-                            aa = transform_axis(aa, ax3, perm_matrix(perms[s3]).to(aa.device))
-                    ra = ax.rows(aa, n)  # a block of columns per neuron stays together
-                    rb = ax.rows(b, n)
-                    cost += (ra @ rb.T).cpu()
-            return cost.numpy()
+            cost = None
+            for term in terms.get(s, []):
+                c = term.value(inverse, version)
+                cost = c.clone() if cost is None else cost.add_(c)
+            if cost is None:
+                return np.zeros((n, n))
+            return cost.cpu().numpy()
 
-        sweeps = 0
+        def signature(group: list[int]) -> tuple:
+            return tuple(version[s2] for s in group for term in terms.get(s, []) for s2, _ in term.others)
+
+        solved_at: dict[int, tuple] = {}  # per group (its first space): the permutations its last solve read
+        sweeps = solves = 0
         for _ in range(self.params.max_iter):
             sweeps += 1
             changed = False
@@ -111,6 +117,10 @@ class PermWeights(NeuronMatcher):
                 group = [s] if att is None else [att.qk, att.v]
                 if att is not None and s != att.qk:
                     continue  # solved with its query/key space
+                sig = signature(group)
+                if solved_at.get(s) == sig:
+                    continue  # the same cost as at its last solve: the same answer, rejected or already taken
+                solves += 1
                 costs = [cost_of(k) for k in group]
                 if att is None:
                     found = [solve_assignment(costs[0], maximize=True)[0]]
@@ -120,8 +130,108 @@ class PermWeights(NeuronMatcher):
                 new = sum(c[np.arange(len(f)), f].sum() for c, f in zip(costs, found, strict=True))
                 if new > old + 1e-12 * max(1.0, abs(old)):
                     for k, f in zip(group, found, strict=True):
-                        perms[k] = f
+                        if not np.array_equal(perms[k], f):
+                            perms[k] = f
+                            inverse[k] = torch.as_tensor(np.argsort(f), device=inverse[k].device)
+                            version[k] += 1
                     changed = True
+                solved_at[s] = signature(group)
             if not changed:
                 break
-        return perms, sweeps
+        objective = sum(float((_gathered(a, axes, inverse) * b).sum()) for a, b, axes in tied)
+        return perms, sweeps, solves, objective
+
+
+def _device(state: dict[str, torch.Tensor]) -> torch.device:
+    return next((v.device for v in state.values()), torch.device("cpu"))
+
+
+def _span(ax: ParamAxis, n: int) -> tuple[int, int] | None:
+    """The entries ``[start, stop)`` of ``ax``'s tensor dimension that a space of ``n`` neurons owns (None: all)."""
+    if ax.offset is None:
+        return None
+    return ax.offset, ax.offset + n * (ax.block if ax.role == "in" else 1)
+
+
+def _disjoint(ax: ParamAxis, other: ParamAxis, n: int, n_other: int) -> bool:
+    """Whether two axes of one tensor lie on the same dimension at separate segments (packed q/k/v rows): permuting
+    one leaves the other's entries where they are."""
+    if ax.axis != other.axis:
+        return False
+    a, b = _span(ax, n), _span(other, n_other)
+    return a is not None and b is not None and (a[1] <= b[0] or b[1] <= a[0])
+
+
+def gather_axis(tensor: torch.Tensor, axis: ParamAxis, source: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the neurons of one tied axis reordered: new neuron c = old neuron ``source[c]`` (whole blocks
+    of an ``in`` axis; the rest of a packed axis kept). The gather that :func:`~hetfuse.graph.spec.transform_axis`
+    does for a permutation matrix, without forming the matrix; the result is contiguous."""
+    n = source.numel()
+    length = tensor.shape[axis.axis]
+    blk = axis.block if axis.role == "in" else 1
+    idx = (source.view(-1, 1) * blk + torch.arange(blk, device=source.device)).reshape(-1)
+    if axis.offset is not None:
+        idx = torch.cat([torch.arange(axis.offset, device=source.device), idx + axis.offset,
+                         torch.arange(axis.offset + n * blk, length, device=source.device)])
+    if idx.numel() != length:
+        raise ValueError(f"{axis.name}: axis {axis.axis} has size {length}, expected {n}x{blk}"
+                         + (f" at {axis.offset}" if axis.offset is not None else ""))
+    return tensor.index_select(axis.axis, idx.to(tensor.device))
+
+
+def _gathered(a: torch.Tensor, axes, inverse: list[torch.Tensor]) -> torch.Tensor:
+    for s, ax in axes:
+        a = gather_axis(a, ax, inverse[s])
+    return a
+
+
+class _Term:
+    """One tied axis' share of its space's cost, ``rows(A with its other axes permuted) @ rows(B)ᵀ``, kept between
+    steps. When the other axes lie on one dimension of the tensor (the usual case: a weight's other side), a change
+    of their permutations at a few positions updates it by the product of just those slices (float64 round-off; a
+    full recomputation once the positions updated add up to four times the dimension's length); otherwise (or for
+    a large change) it is recomputed."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, axis: ParamAxis, n: int, others: list) -> None:
+        self.a, self.b, self.axis, self.n, self.others = a, b, axis, n, others
+        self.rows_b_t = axis.rows(b, n).T
+        dims = {ax.axis for _, ax in others}
+        self.dim = dims.pop() if len(dims) == 1 and axis.axis not in dims else None
+        self._key: tuple | None = None
+        self._value: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
+        self._drift = 0
+
+    def _full_index(self, inverse: list[torch.Tensor]) -> torch.Tensor:
+        """The source of every entry along ``self.dim`` once the other axes are permuted."""
+        length = self.a.shape[self.dim]
+        index = torch.arange(length, device=self.a.device)
+        for s, ax in self.others:
+            src = inverse[s]
+            blk = ax.block if ax.role == "in" else 1
+            start = ax.offset or 0
+            index[start:start + src.numel() * blk] = start + (src.view(-1, 1) * blk +
+                                                              torch.arange(blk, device=src.device)).reshape(-1)
+        return index
+
+    def value(self, inverse: list[torch.Tensor], version: list[int]) -> torch.Tensor:
+        key = tuple(version[s] for s, _ in self.others)
+        if key == self._key:
+            return self._value
+        self._key = key
+        if self.dim is None:
+            self._value = self.axis.rows(_gathered(self.a, self.others, inverse), self.n) @ self.rows_b_t
+            return self._value
+        index = self._full_index(inverse)
+        length = index.numel()
+        if self._value is not None:
+            at = torch.nonzero(index != self._index).flatten()
+            if 2 * at.numel() < length and self._drift + at.numel() < 4 * length:
+                d = self.a.index_select(self.dim, index[at]) - self.a.index_select(self.dim, self._index[at])
+                self._value.add_(self.axis.rows(d, self.n) @ self.axis.rows(self.b.index_select(self.dim, at),
+                                                                             self.n).T)
+                self._index, self._drift = index, self._drift + at.numel()
+                return self._value
+        self._value = self.axis.rows(self.a.index_select(self.dim, index), self.n) @ self.rows_b_t
+        self._index, self._drift = index, 0
+        return self._value
