@@ -19,7 +19,7 @@ from .transport import Transport, ground_cost, solve_transport
 class OTParams:
     solver: Literal["exact", "sinkhorn"] = field(default="exact", metadata={
         "help": "exact: a permutation (linear assignment) for equal widths, POT's network simplex otherwise; "
-                "sinkhorn: entropic OT (log domain)"})
+                "sinkhorn: entropic OT (log-domain stabilised, on the model's device)"})
     reg: float | None = field(default=None, metadata={
         "help": "entropic regularisation of solver=sinkhorn, relative to the largest cost (default 0.01)"})
 
@@ -98,7 +98,7 @@ def _heads_plans(costs: list[torch.Tensor], heads: int, solve) -> list[Transport
     between equal head sizes with the exact solver; a plan between different ones, or with Sinkhorn)."""
     from .assignment import solve_assignment
 
-    arrays = [c.detach().cpu().to(torch.float64).numpy() for c in costs]
+    arrays = [c.detach().to(torch.float64) for c in costs]  # on their device (the exact solver moves blocks)
     g = np.zeros((heads, heads))
     within: dict[tuple[int, int, int], Transport] = {}
     for k, c in enumerate(arrays):
@@ -112,10 +112,10 @@ def _heads_plans(costs: list[torch.Tensor], heads: int, solve) -> list[Transport
     out = []
     for k, c in enumerate(arrays):
         di, dt = c.shape[0] // heads, c.shape[1] // heads
-        plan = np.zeros_like(c)
+        plan = torch.zeros_like(c)
         for a in range(heads):
             b = int(order[a])
-            plan[a * di:(a + 1) * di, b * dt:(b + 1) * dt] = within[k, a, b].forward.numpy() / (dt * heads)
+            plan[a * di:(a + 1) * di, b * dt:(b + 1) * dt] = within[k, a, b].forward.to(c.device) / (dt * heads)
         name = within[k, 0, int(order[0])].solver
         cost = float(sum(within[k, a, int(order[a])].cost for a in range(heads)) / heads)
         out.append(Transport.from_plan(plan, f"{name} (heads as units)", cost))

@@ -41,7 +41,18 @@ class Transport:
         return cls(eye, eye.clone(), "identity", 0.0)
 
     @classmethod
-    def from_plan(cls, plan: np.ndarray, solver: str, cost: float) -> Transport:
+    def from_plan(cls, plan, solver: str, cost: float) -> Transport:
+        """The transport of a plan (rows: source neurons, columns: target neurons); a NumPy plan gives host tensors,
+        a torch plan tensors on its device (float64 both)."""
+        if isinstance(plan, torch.Tensor):
+            plan = plan.to(torch.float64)
+            col = plan.sum(0)
+            if bool((col <= 0).any()):
+                raise HetfuseError(f"{solver}: transport plan leaves a target neuron without mass")
+            fwd = plan / col[None, :]
+            row = fwd.sum(1)
+            inc = torch.where(row[:, None] > 0, fwd / torch.where(row > 0, row, 1.0)[:, None], 0.0)
+            return cls(fwd, inc, solver, float(cost))
         plan = np.asarray(plan, dtype=np.float64)
         col = plan.sum(axis=0)
         if np.any(col <= 0):
@@ -76,18 +87,29 @@ def solve_transport(cost, *, solver: str = "exact", reg: float = 0.01, max_iter:
 
     ``exact``: equal sizes use an exact linear assignment (:func:`~hetfuse.match.assignment.solve_assignment`:
     lapjv with a certificate, else SciPy; the exact plan is then a permutation); different sizes use POT's
-    network simplex (``ot.emd``) in float64 with its result code checked. ``sinkhorn``: entropic OT in the
-    log domain with regularisation ``reg`` relative to the largest cost entry. Only the solve leaves the
-    cost's device.
+    network simplex (``ot.emd``) in float64 with its result code checked; both on the host. ``sinkhorn``: entropic
+    OT with regularisation ``reg`` relative to the largest cost entry, log-domain stabilised
+    (:func:`sinkhorn_plan`), in float64 torch tensors on the cost's device; the transport stays there.
     """
+    if solver == "sinkhorn":
+        if reg <= 0:
+            raise HetfuseError(f"sinkhorn needs reg > 0, got {reg}")
+        c = torch.as_tensor(cost).detach().to(torch.float64)
+        if not bool(torch.isfinite(c).all()):
+            raise HetfuseError("ground cost has NaN or Inf (check the model weights and the data)")
+        top = float(c.max()) if c.numel() else 0.0
+        plan, converged = sinkhorn_plan(c / (top if top > 0 else 1.0), reg)
+        if not converged:
+            warnings.warn(f"sinkhorn did not converge (reg={reg}); the plan is approximate", stacklevel=2)
+        if not bool(torch.isfinite(plan).all()):
+            raise HetfuseError(f"sinkhorn produced NaN (reg={reg} too small?)")
+        return Transport.from_plan(plan, "sinkhorn", float((plan * c).sum()))
     if isinstance(cost, torch.Tensor):
         cost = cost.detach().cpu().to(torch.float64).numpy()
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     if not np.all(np.isfinite(cost)):
         raise HetfuseError("ground cost has NaN or Inf (check the model weights and the data)")
     n_src, n_dst = cost.shape
-    mu = np.full(n_src, 1.0 / n_src)
-    nu = np.full(n_dst, 1.0 / n_dst)
     if solver == "exact":
         if n_src == n_dst:
             cols, _name = solve_assignment(cost)
@@ -97,25 +119,60 @@ def solve_transport(cost, *, solver: str = "exact", reg: float = 0.01, max_iter:
             return Transport.from_plan(plan, "lap", float(cost[rows, cols].sum() / n_src))
         import ot
 
+        mu = np.full(n_src, 1.0 / n_src)
+        nu = np.full(n_dst, 1.0 / n_dst)
         plan, log = ot.emd(mu, nu, cost, numItermax=max_iter, log=True)
         if log.get("result_code") != 1 or log.get("warning"):
             raise HetfuseError(f"network simplex did not reach optimality ({log.get('warning')}); "
                                f"raise max_iter (now {max_iter}) or use solver='sinkhorn'")
         plan = np.where(plan > 1e-12 * plan.max(), plan, 0.0)  # drop round-off entries of the simplex
         return Transport.from_plan(plan, "emd", float(log["cost"]))
-    if solver == "sinkhorn":
-        if reg <= 0:
-            raise HetfuseError(f"sinkhorn needs reg > 0, got {reg}")
-        import ot
-
-        scale = cost.max() if cost.max() > 0 else 1.0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            plan = ot.sinkhorn(mu, nu, cost / scale, reg, method="sinkhorn_log", numItermax=10_000,
-                               stopThr=1e-9)
-        if any("did not converge" in str(w.message).lower() for w in caught):
-            warnings.warn(f"sinkhorn did not converge (reg={reg}); the plan is approximate", stacklevel=2)
-        if not np.all(np.isfinite(plan)):
-            raise HetfuseError(f"sinkhorn produced NaN (reg={reg} too small?)")
-        return Transport.from_plan(plan, "sinkhorn", float((plan * cost).sum()))
     raise HetfuseError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+
+
+def sinkhorn_plan(cost: torch.Tensor, reg: float, *, max_iter: int = 10_000, tol: float = 1e-9,
+                  tau: float = 1e50, check_every: int = 10) -> tuple[torch.Tensor, bool]:
+    """The entropic optimal transport plan between uniform marginals: argmin ⟨P, C⟩ − reg·H(P), ``cost`` C a float
+    tensor (computed in float64 on its device). Returns the plan and whether the column marginals came within
+    ``tol`` (L2 norm, the rows being exact after each step) in ``max_iter`` iterations — the stopping rule of POT's
+    ``sinkhorn_log``, whose fixed point this is.
+
+    Log-domain stabilised scaling (Schmitzer 2019, "absorption"): the potentials f, g are kept in the log domain
+    and the kernel ``K = exp((f_i + g_j − C_ij) / reg)`` is formed from them, so its entries stay in range whatever
+    ``reg``; between absorptions each iteration is two matrix–vector products with K (no exponentials, unlike a
+    logsumexp per iteration); the scalings u, v are folded into f, g — and K rebuilt — once they leave
+    [1/tau, tau] or a product underflows. The potentials start with two exact log-domain (c-transform) updates, so
+    the first kernel's rows hold their marginals."""
+    c = cost.to(torch.float64)
+    n, m = c.shape
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64, device=c.device)
+    b = torch.full((m,), 1.0 / m, dtype=torch.float64, device=c.device)
+    log_a, log_b = a.log(), b.log()
+    f = torch.zeros(n, dtype=torch.float64, device=c.device)
+
+    def absorb(f):
+        """Exact log-domain updates of g then f (c-transforms), and the kernel they give: its rows hold a."""
+        g = reg * (log_b - torch.logsumexp((f[:, None] - c) / reg, dim=0))
+        f = reg * (log_a - torch.logsumexp((g[None, :] - c) / reg, dim=1))
+        return f, torch.exp((f[:, None] + g[None, :] - c) / reg)
+
+    f, kernel = absorb(f)
+    u = torch.ones(n, dtype=torch.float64, device=c.device)
+    v = torch.ones(m, dtype=torch.float64, device=c.device)
+    converged = False
+    for it in range(max_iter):
+        ktu = kernel.T @ u
+        if it % check_every == 0 and float(torch.linalg.vector_norm(v * ktu - b)) < tol:
+            converged = True
+            break
+        v = b / ktu
+        u_new = a / (kernel @ v)
+        lo = float(torch.minimum(u_new.min(), v.min()))
+        hi = float(torch.maximum(u_new.max(), v.max()))
+        if not (1.0 / tau < lo and hi < tau):  # also catches inf and NaN: fold u into f, rebuild from there
+            f, kernel = absorb(f + reg * u.log())
+            u = torch.ones_like(u)
+            v = torch.ones_like(v)
+        else:
+            u = u_new
+    return u[:, None] * kernel * v[None, :], converged
