@@ -85,7 +85,7 @@ class _OT(NeuronMatcher):
                 for att in ctx.graphs[t].attention:
                     plans[att.qk], plans[att.v] = _heads_plans([ground[att.qk], ground[att.v]], att.heads,
                                                                self._solve)
-            maps.append([SpaceMap(tr.forward, tr.incoming) for tr in plans])
+            maps.append([tr.space_map() for tr in plans])
             solvers.append([tr.solver for tr in plans])
             costs.append([tr.cost for tr in plans])
         return MatchResult(widths, maps, {"solvers": solvers, "costs": costs})

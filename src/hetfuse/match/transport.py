@@ -17,7 +17,6 @@ permutation matrix.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,17 +27,24 @@ from .assignment import solve_assignment
 SOLVERS = ("exact", "sinkhorn")
 
 
-@dataclass
 class Transport:
-    forward: torch.Tensor
-    incoming: torch.Tensor
-    solver: str
-    cost: float
+    """An optimal transport between a source's and a target's neurons: ``forward`` (n_src x n_dst, columns
+    normalised: how each target neuron is made of source neurons) and ``incoming`` (rows normalised: how each
+    source neuron is read from the target's), the solver's name and the transport cost. A permutation (the exact
+    solver between equal sizes) is held as ``cols`` (source neuron j goes to target neuron ``cols[j]``); its
+    matrices are formed only on request (:meth:`space_map` keeps it as indices)."""
+
+    def __init__(self, forward: torch.Tensor | None = None, incoming: torch.Tensor | None = None, solver: str = "",
+                 cost: float = 0.0, *, cols=None):
+        if cols is None and (forward is None or incoming is None):
+            raise ValueError("Transport needs forward and incoming matrices, or cols")
+        self._forward, self._incoming = forward, incoming
+        self.cols = None if cols is None else np.asarray(cols, dtype=np.int64)
+        self.solver, self.cost = solver, cost
 
     @classmethod
     def identity(cls, n: int) -> Transport:
-        eye = torch.eye(n, dtype=torch.float64)
-        return cls(eye, eye.clone(), "identity", 0.0)
+        return cls(cols=np.arange(n), solver="identity", cost=0.0)
 
     @classmethod
     def from_plan(cls, plan, solver: str, cost: float) -> Transport:
@@ -62,9 +68,34 @@ class Transport:
         inc = np.where(row[:, None] > 0, fwd / np.where(row > 0, row, 1.0)[:, None], 0.0)
         return cls(torch.from_numpy(fwd), torch.from_numpy(inc), solver, float(cost))
 
+    def _permutation_matrix(self) -> torch.Tensor:
+        n = len(self.cols)
+        m = torch.zeros(n, n, dtype=torch.float64)
+        m[torch.arange(n), torch.as_tensor(self.cols)] = 1.0
+        return m
+
+    @property
+    def forward(self) -> torch.Tensor:
+        return self._permutation_matrix() if self.cols is not None else self._forward
+
+    @property
+    def incoming(self) -> torch.Tensor:
+        return self._permutation_matrix() if self.cols is not None else self._incoming
+
+    def space_map(self):
+        """The matcher's map of this transport (:class:`~hetfuse.match.base.SpaceMap`): indices for a
+        permutation, the two matrices otherwise."""
+        from .base import SpaceMap
+
+        if self.cols is not None:
+            return SpaceMap.from_cols(self.cols)
+        return SpaceMap(self._forward, self._incoming)
+
     @property
     def is_permutation(self) -> bool:
-        f = self.forward
+        if self.cols is not None:
+            return True
+        f = self._forward
         return f.shape[0] == f.shape[1] and bool(torch.all((f == 0) | (f == 1))) and \
             bool(torch.all(f.sum(0) == 1)) and bool(torch.all(f.sum(1) == 1))
 
@@ -104,30 +135,35 @@ def solve_transport(cost, *, solver: str = "exact", reg: float = 0.01, max_iter:
         if not bool(torch.isfinite(plan).all()):
             raise HetfuseError(f"sinkhorn produced NaN (reg={reg} too small?)")
         return Transport.from_plan(plan, "sinkhorn", float((plan * c).sum()))
-    if isinstance(cost, torch.Tensor):
-        cost = cost.detach().cpu().to(torch.float64).numpy()
-    cost = np.ascontiguousarray(cost, dtype=np.float64)
-    if not np.all(np.isfinite(cost)):
-        raise HetfuseError("ground cost has NaN or Inf (check the model weights and the data)")
-    n_src, n_dst = cost.shape
     if solver == "exact":
-        if n_src == n_dst:
-            cols, _name = solve_assignment(cost)
-            rows = np.arange(n_src)
-            plan = np.zeros_like(cost)
-            plan[rows, cols] = 1.0 / n_src
-            return Transport.from_plan(plan, "lap", float(cost[rows, cols].sum() / n_src))
-        import ot
-
-        mu = np.full(n_src, 1.0 / n_src)
-        nu = np.full(n_dst, 1.0 / n_dst)
-        plan, log = ot.emd(mu, nu, cost, numItermax=max_iter, log=True)
-        if log.get("result_code") != 1 or log.get("warning"):
-            raise HetfuseError(f"network simplex did not reach optimality ({log.get('warning')}); "
-                               f"raise max_iter (now {max_iter}) or use solver='sinkhorn'")
-        plan = np.where(plan > 1e-12 * plan.max(), plan, 0.0)  # drop round-off entries of the simplex
-        return Transport.from_plan(plan, "emd", float(log["cost"]))
+        c = torch.as_tensor(cost).detach()
+        if not bool(torch.isfinite(c).all()):
+            raise HetfuseError("ground cost has NaN or Inf (check the model weights and the data)")
+        n_src, n_dst = c.shape
+        if n_src == n_dst:  # a permutation: kept as indices
+            cols, _name = solve_assignment(c)
+            picked = c[torch.arange(n_src, device=c.device), torch.as_tensor(cols, device=c.device)]
+            return Transport(cols=cols, solver="lap", cost=float(picked.to(torch.float64).sum()) / n_src)
+        plan, total = exact_plan(c, max_iter)
+        return Transport.from_plan(plan, "emd", total)
     raise HetfuseError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+
+
+def exact_plan(cost: torch.Tensor, max_iter: int = 10_000_000) -> tuple[np.ndarray, float]:
+    """POT's network simplex (``ot.emd``) between uniform marginals, in float64 on the host (where the cost goes,
+    once), its result code checked; returns the plan (round-off entries dropped) and its cost."""
+    import ot
+
+    c = np.ascontiguousarray(cost.detach().to(device="cpu", dtype=torch.float64).numpy())
+    n_src, n_dst = c.shape
+    mu = np.full(n_src, 1.0 / n_src)
+    nu = np.full(n_dst, 1.0 / n_dst)
+    plan, log = ot.emd(mu, nu, c, numItermax=max_iter, log=True)
+    if log.get("result_code") != 1 or log.get("warning"):
+        raise HetfuseError(f"network simplex did not reach optimality ({log.get('warning')}); "
+                           f"raise max_iter (now {max_iter}) or use solver='sinkhorn'")
+    plan = np.where(plan > 1e-12 * plan.max(), plan, 0.0)  # drop round-off entries of the simplex
+    return plan, float(log["cost"])
 
 
 def sinkhorn_plan(cost: torch.Tensor, reg: float, *, max_iter: int = 10_000, tol: float = 1e-9,

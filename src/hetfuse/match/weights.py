@@ -93,15 +93,18 @@ class PermWeights(NeuronMatcher):
         for att in ctx.graphs[t].attention:
             partner[att.qk] = partner[att.v] = att
 
-        def cost_of(s: int) -> np.ndarray:
+        def cost_of(s: int) -> torch.Tensor:  # on the models' device; the assignment solver takes it to the host
             n = widths[s]
             cost = None
             for term in terms.get(s, []):
                 c = term.value(inverse, version)
                 cost = c.clone() if cost is None else cost.add_(c)
             if cost is None:
-                return np.zeros((n, n))
-            return cost.cpu().numpy()
+                return torch.zeros(n, n, dtype=torch.float64)
+            return cost
+
+        def picked(c: torch.Tensor, cols: np.ndarray) -> float:
+            return float(c[torch.arange(len(cols), device=c.device), torch.as_tensor(cols, device=c.device)].sum())
 
         def signature(group: list[int]) -> tuple:
             return tuple(version[s2] for s in group for term in terms.get(s, []) for s2, _ in term.others)
@@ -126,8 +129,8 @@ class PermWeights(NeuronMatcher):
                     found = [solve_assignment(costs[0], maximize=True)[0]]
                 else:
                     found = head_structured(costs, att.heads)
-                old = sum(c[np.arange(len(perms[k])), perms[k]].sum() for c, k in zip(costs, group, strict=True))
-                new = sum(c[np.arange(len(f)), f].sum() for c, f in zip(costs, found, strict=True))
+                old = sum(picked(c, perms[k]) for c, k in zip(costs, group, strict=True))
+                new = sum(picked(c, f) for c, f in zip(costs, found, strict=True))
                 if new > old + 1e-12 * max(1.0, abs(old)):
                     for k, f in zip(group, found, strict=True):
                         if not np.array_equal(perms[k], f):
