@@ -281,7 +281,7 @@ def spread_positions(t: torch.Tensor, positions: int | None) -> torch.Tensor:
 
 
 def space_statistics(models: Sequence[nn.Module], graphs: Sequence[NetworkGraph], x: torch.Tensor, *,
-                     pairs: Sequence[tuple[int, int]] = (), batch_size: int = 250, post: bool = False,
+                     pairs: Sequence[tuple[int, int]] = (), batch_size: int = 1000, post: bool = False,
                      positions: int | None = None) -> SpaceStats:
     """Moments of every space of every model on the same inputs (models of corresponding structure: space s
     of every model is read at corresponding nodes, so rows are the same observations). ``post``: read after the
