@@ -46,6 +46,10 @@ class _OT(NeuronMatcher):
         """Heads are transported as whole units (the head layouts are equal: checked by the correspondence)."""
         return None
 
+    def prepare_costs(self, ctx: MatchContext) -> None:
+        """Compute, once and before the concurrent solves, what :meth:`cost` reads (activation statistics)."""
+        return None
+
     def _solve(self, cost):
         return solve_transport(cost, solver=self.params.solver, reg=self.params.regularisation)
 
@@ -78,13 +82,16 @@ class _OT(NeuronMatcher):
                         plans[s] = self._solve(self.cost(ctx, i, s, inn))
                     inn[s] = plans[s].incoming
             else:  # independent spaces: solved concurrently (the solvers release the GIL)
-                ground = [self.cost(ctx, i, s, {}) for s in range(ctx.n_spaces)]
-                plans = parallel_map(self._solve, [c for s, c in enumerate(ground) if s not in partner])
-                plans = iter(plans)
-                plans = [None if s in partner else next(plans) for s in range(ctx.n_spaces)]
+                # each space's ground cost is made in its worker and dropped after its solve (n x n each); what
+                # the costs read is prepared first, once
+                self.prepare_costs(ctx)
+                solved = parallel_map(lambda s, i=i: self._solve(self.cost(ctx, i, s, {})),
+                                      [s for s in range(ctx.n_spaces) if s not in partner])
+                solved = iter(solved)
+                plans = [None if s in partner else next(solved) for s in range(ctx.n_spaces)]
                 for att in ctx.graphs[t].attention:
-                    plans[att.qk], plans[att.v] = _heads_plans([ground[att.qk], ground[att.v]], att.heads,
-                                                               self._solve)
+                    plans[att.qk], plans[att.v] = _heads_plans([self.cost(ctx, i, att.qk, {}),
+                                                                self.cost(ctx, i, att.v, {})], att.heads, self._solve)
             maps.append([tr.space_map() for tr in plans])
             solvers.append([tr.solver for tr in plans])
             costs.append([tr.cost for tr in plans])
@@ -129,6 +136,9 @@ class OTActs(_OT):
                    "activation vectors on the samples")
     reference = "OTFusion (Singh & Jaggi 2020), activation-based"
     sequential = False
+
+    def prepare_costs(self, ctx):
+        ctx.statistics("target")
 
     def cost(self, ctx, i, s, inn):
         st = ctx.statistics("target")
