@@ -172,6 +172,7 @@ class Setting:
     methods: list[Method]
     family: str = ""                           # key into PAPER (the paper's numbers beside ours)
     width_pair: tuple[str, str] | None = None  # (arch role on A, arch role on B) merged by elastic zipping
+    width_rows: list[tuple[str, dict]] = field(default_factory=lambda: [("Elastic zip (width)", {})])  # label, params
     note: str = ""
     embed_scale: float = EMBED_SCALE           # the embedding head's cosine scale (see CIFAR_EMBED_SCALE)
     parents: dict[str, str] | None = None      # role -> the committed parents' architecture key (converged-*)
@@ -249,7 +250,8 @@ def settings(name: str, *, epochs: int | None = None, width: float | None = None
                             "the issue allows (the MNIST ones: about 2 minutes each)")
     if name == "gap-mnist":
         base = settings("mnist", epochs=epochs, splits=splits)
-        base.name, base.methods, base.width_pair = "gap-mnist", gap_grid(), None
+        base.name, base.methods = "gap-mnist", gap_grid()
+        base.width_rows = [("Elastic zip (width)", {}), ("Elastic zip (width) + LSQ", {"repair": "lsq"})]
         return base
     if name == "gap-converged-resnet":
         base = _converged("converged-resnet", splits or 1)
@@ -423,14 +425,16 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
                     metrics = {"joint": float("nan"), "tasks": [float("nan")] * 2, "per_task_avg": float("nan")}
                     print(f"{m.label}: {e}")
                 add(m.label, metrics, time.perf_counter() - t0, m.depth_align, m.match)
-            if setting.width_pair is not None and todo("Elastic zip (width)"):
+            for w_label, w_params in (setting.width_rows if setting.width_pair is not None else []):
+                if not todo(w_label):
+                    continue
                 wa, wb = setting.width_pair
                 pm = [get(wa, "A")[0], get(wb, "B")[0]] if d_idx == 0 else [get(wb, "A")[0], get(wa, "B")[0]]
                 ha = get(ra, "A")[1]
                 t0 = time.perf_counter()
                 fused = prepare_fusion(pm, x_train, FusionConfig(depth_align="lma", match="elastic-zip",
-                                                                 samples=samples, seed=seed)).combine()
-                add("Elastic zip (width)", model_task_metrics(fused, ha, x_test, ds.y_test, tasks),
+                                                                 samples=samples, seed=seed, **w_params)).combine()
+                add(w_label, model_task_metrics(fused, ha, x_test, ds.y_test, tasks),
                     time.perf_counter() - t0, "lma", "elastic-zip")
             _write(out / "results.csv", rows)
     cmd = write_command(out, command)
@@ -490,7 +494,7 @@ def _summary(setting: Setting, rows: list[dict], seeds, samples, cmd, ds, waitin
         lines += ["", "Not computed yet (their parents are still training; `--resume` fills them in):", "",
                   *[f"- {reason}: {', '.join(rows_)}" for reason, rows_ in missing.items()]]
     lines += _verdict(rows, labels)
-    new = {m.label for m in setting.methods if m.new}
+    new = {m.label for m in setting.methods if m.new} | {label for label, p in setting.width_rows if p}
     if new:
         wide = {m.label for m in setting.methods if m.params.get("budget", 1.0) > 1.0}
         lines += _gap(rows, labels, new, wide)
