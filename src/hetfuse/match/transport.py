@@ -69,10 +69,7 @@ class Transport:
         return cls(torch.from_numpy(fwd), torch.from_numpy(inc), solver, float(cost))
 
     def _permutation_matrix(self) -> torch.Tensor:
-        n = len(self.cols)
-        m = torch.zeros(n, n, dtype=torch.float64)
-        m[torch.arange(n), torch.as_tensor(self.cols)] = 1.0
-        return m
+        return self.space_map().out  # the one-hot map's dense matrix (SpaceMap builds it)
 
     @property
     def forward(self) -> torch.Tensor:

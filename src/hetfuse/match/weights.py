@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import HetfuseError
-from ..graph.spec import ParamAxis
+from ..graph.spec import Gather, ParamAxis, transform_axis
 from ..registry import register
 from .assignment import solve_assignment
 from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap
@@ -165,26 +165,9 @@ def _disjoint(ax: ParamAxis, other: ParamAxis, n: int, n_other: int) -> bool:
     return a is not None and b is not None and (a[1] <= b[0] or b[1] <= a[0])
 
 
-def gather_axis(tensor: torch.Tensor, axis: ParamAxis, source: torch.Tensor) -> torch.Tensor:
-    """``tensor`` with the neurons of one tied axis reordered: new neuron c = old neuron ``source[c]`` (whole blocks
-    of an ``in`` axis; the rest of a packed axis kept). The gather that :func:`~hetfuse.graph.spec.transform_axis`
-    does for a permutation matrix, without forming the matrix; the result is contiguous."""
-    n = source.numel()
-    length = tensor.shape[axis.axis]
-    blk = axis.block if axis.role == "in" else 1
-    idx = (source.view(-1, 1) * blk + torch.arange(blk, device=source.device)).reshape(-1)
-    if axis.offset is not None:
-        idx = torch.cat([torch.arange(axis.offset, device=source.device), idx + axis.offset,
-                         torch.arange(axis.offset + n * blk, length, device=source.device)])
-    if idx.numel() != length:
-        raise ValueError(f"{axis.name}: axis {axis.axis} has size {length}, expected {n}x{blk}"
-                         + (f" at {axis.offset}" if axis.offset is not None else ""))
-    return tensor.index_select(axis.axis, idx.to(tensor.device))
-
-
 def _gathered(a: torch.Tensor, axes, inverse: list[torch.Tensor]) -> torch.Tensor:
     for s, ax in axes:
-        a = gather_axis(a, ax, inverse[s])
+        a = transform_axis(a, ax, Gather(inverse[s], inverse[s].numel()))  # a permutation as a gather
     return a
 
 
