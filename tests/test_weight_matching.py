@@ -119,14 +119,35 @@ def _check(models, x, monkeypatch, **params):
     return result
 
 
+@pytest.fixture(params=[1, 2], ids=["sequential", "two-threads"])
+def workers(request, monkeypatch):
+    """The descent run step after step, and with independent steps on two threads: the same steps either way. With
+    two threads every assignment is slowed down a little, so that steps overlap (a step that ran beside one it
+    conflicts with would read a permutation too early or too late and change the result)."""
+    import time
+
+    import hetfuse.match.weights as weights
+
+    monkeypatch.setattr(weights, "_workers", lambda: request.param)
+    if request.param > 1:
+        solve = weights.solve_assignment
+
+        def slow(*args, **kwargs):
+            time.sleep(0.002)
+            return solve(*args, **kwargs)
+
+        monkeypatch.setattr(weights, "solve_assignment", slow)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["mlp-nobias", "resnet-projection", "vgg-bn", "vit-hand", "vit-fused-qkv",
                                   "torch-encoder-preln"])
-def test_the_same_permutations_as_the_plain_algorithm(kind, monkeypatch):
+def test_the_same_permutations_as_the_plain_algorithm(kind, monkeypatch, workers):
     x = inputs(kind, 8, 0)
     _check([make(kind, 0, x), make(kind, 1, x)], x, monkeypatch)
 
 
-def test_the_same_permutations_on_wide_layers_with_many_sweeps(monkeypatch):
+def test_the_same_permutations_on_wide_layers_with_many_sweeps(monkeypatch, workers):
     """Wide enough that the descent runs many sweeps whose steps change a few neurons (the incremental updates)."""
     torch.manual_seed(0)
     a = MLP(20, [96] * 4, 5, bias=True)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,39 +112,73 @@ class PermWeights(NeuronMatcher):
             return tuple(version[s2] for s in group for term in terms.get(s, []) for s2, _ in term.others)
 
         solved_at: dict[int, tuple] = {}  # per group (its first space): the permutations its last solve read
+        groups = {s: ([s] if partner.get(s) is None else [partner[s].qk, partner[s].v]) for s in range(len(widths))}
+        # what a step reads (its group's permutations and those its costs read) and writes (its group's)
+        reads = {s: set(g) | {s2 for k in g for term in terms.get(k, []) for s2, _ in term.others}
+                 for s, g in groups.items()}
+
+        def step(s: int) -> bool:
+            """Solve group ``s`` with the other permutations fixed; keep the answer if it raises the objective."""
+            group = groups[s]
+            costs = [cost_of(k) for k in group]
+            if len(group) == 1:
+                found = [solve_assignment(costs[0], maximize=True)[0]]
+            else:
+                found = head_structured(costs, partner[s].heads)
+            old = sum(picked(c, perms[k]) for c, k in zip(costs, group, strict=True))
+            new = sum(picked(c, f) for c, f in zip(costs, found, strict=True))
+            accepted = new > old + 1e-12 * max(1.0, abs(old))
+            if accepted:
+                for k, f in zip(group, found, strict=True):
+                    if not np.array_equal(perms[k], f):
+                        perms[k] = f
+                        inverse[k] = torch.as_tensor(np.argsort(f), device=inverse[k].device)
+                        version[k] += 1
+            solved_at[s] = signature(group)
+            return accepted
+
+        # Steps whose groups neither read nor write each other's permutations run at the same time (two threads
+        # on two cores: the assignment solver and the products release the GIL); a step waits for every running
+        # step it conflicts with, so each reads exactly what it would read in the sequential order, and the
+        # permutations, steps and sweeps are those of solving one step after the other.
+        workers = _workers()
+        pool = ThreadPoolExecutor(workers) if workers > 1 else None
         sweeps = solves = 0
-        for _ in range(self.params.max_iter):
-            sweeps += 1
-            changed = False
-            for s in gen.permutation(len(widths)):
-                s = int(s)
-                att = partner.get(s)
-                group = [s] if att is None else [att.qk, att.v]
-                if att is not None and s != att.qk:
-                    continue  # solved with its query/key space
-                sig = signature(group)
-                if solved_at.get(s) == sig:
-                    continue  # the same cost as at its last solve: the same answer, rejected or already taken
-                solves += 1
-                costs = [cost_of(k) for k in group]
-                if att is None:
-                    found = [solve_assignment(costs[0], maximize=True)[0]]
-                else:
-                    found = head_structured(costs, att.heads)
-                old = sum(picked(c, perms[k]) for c, k in zip(costs, group, strict=True))
-                new = sum(picked(c, f) for c, f in zip(costs, found, strict=True))
-                if new > old + 1e-12 * max(1.0, abs(old)):
-                    for k, f in zip(group, found, strict=True):
-                        if not np.array_equal(perms[k], f):
-                            perms[k] = f
-                            inverse[k] = torch.as_tensor(np.argsort(f), device=inverse[k].device)
-                            version[k] += 1
-                    changed = True
-                solved_at[s] = signature(group)
-            if not changed:
-                break
+        try:
+            for _ in range(self.params.max_iter):
+                sweeps += 1
+                changed = False
+                running: dict[int, Future] = {}
+                for s in gen.permutation(len(widths)):
+                    s = int(s)
+                    if s != groups[s][0]:
+                        continue  # solved with its query/key space
+                    for r in [r for r in running if reads[s] & set(groups[r]) or reads[r] & set(groups[s])]:
+                        changed |= running.pop(r).result()
+                    if solved_at.get(s) == signature(groups[s]):
+                        continue  # the same cost as at its last solve: the same answer, rejected or already taken
+                    solves += 1
+                    if pool is None:
+                        changed |= step(s)
+                    else:
+                        if len(running) >= workers:
+                            first = next(iter(running))
+                            changed |= running.pop(first).result()
+                        running[s] = pool.submit(step, s)
+                for fut in running.values():
+                    changed |= fut.result()
+                if not changed:
+                    break
+        finally:
+            if pool is not None:
+                pool.shutdown()
         objective = sum(float((_gathered(a, axes, inverse) * b).sum()) for a, b, axes in tied)
         return perms, sweeps, solves, objective
+
+
+def _workers() -> int:
+    """Threads for the descent's independent steps: one per core."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def _device(state: dict[str, torch.Tensor]) -> torch.device:
