@@ -95,9 +95,10 @@ def main() -> None:
 def summary(rows: list[dict], threads: int) -> str:
     lines = ["# Weight matching and Sinkhorn: two random bias-free 784-[1024]*8-10 MLPs", "",
              f"`hetfuse.fuse([a, b], x, repair=False, ...)` on 500 Gaussian inputs, {threads} torch thread(s), each "
-             f"run in a fresh process; target under {TARGET_S:g} s. Machine: 2 CPU cores shared with two niced "
-             "background jobs and another engineer's runs, so times vary by about ±30 %. Before: measured "
-             "in-process the same way on the old code (not re-measurable by this script).", "",
+             f"run in a fresh process (weight matching runs its independent steps on one thread per core: two "
+             f"here); target under {TARGET_S:g} s. Machine: 2 CPU cores; background jobs stopped for the run. "
+             "Before: measured in-process the same way on the old code (not re-measurable by this script), on the "
+             "same machine shared with two niced background jobs and another engineer's runs (±30 %).", "",
              "| case | before (s) | after (s), best | runs (s) | target met | fused outputs' sum, before / after |",
              "|---|---|---|---|---|---|"]
     for case in CASES:
@@ -115,10 +116,15 @@ def summary(rows: list[dict], threads: int) -> str:
               "against the old code's when the change was made, and in tests/test_weight_matching.py against the "
               f"plain algorithm). The descent solved {pw['solves']} of the {pw['sweeps'] * 8} (space, sweep) "
               "assignments; the others were skipped because no permutation their cost reads had changed since "
-              "their last solve. The remaining time is mostly those exact 1024 x 1024 assignments (SciPy, 10-20 ms "
-              "each late in the descent, 40-100 ms in the first sweeps: about 4-6 s here) and the first sweeps' "
-              "full cost products: every step changes the permutations the next steps read, so the "
-              "assignments cannot be skipped without changing the result.", "",
+              "their last solve. Steps that neither read nor write each other's permutations (spaces two or more "
+              "layers apart) run at the same time on two threads, a step waiting for every running step it "
+              "conflicts with, so the steps are those of the sequential descent. The remaining time is mostly "
+              "those exact 1024 x 1024 assignments (SciPy, 10-20 ms each late in the descent, 40-100 ms in the "
+              "first sweeps: about 5.5 s of one core) and the cost products (about 3.5 s): 281 of the 311 solves "
+              "change the permutation (a few neurons each late in the descent), so no solve can be skipped "
+              "without changing the result. `lap.lapjv` (PyPI `lap`) solves these costs 1.85x faster than SciPy "
+              "(the same answers, measured on every tenth cost of this descent) but is 5x slower than SciPy on "
+              "deep layers' activation-distance costs (`results/bench/assignment/`), so it is not adopted.", "",
               "## ot-acts, solver=sinkhorn, reg=0.01", "",
               "Before: POT's `sinkhorn_log` on NumPy arrays (two log-sum-exps over the 1024 x 1024 matrix per "
               "iteration, 30-280 iterations a space). After: `hetfuse.match.transport.sinkhorn_plan`, in torch on "
