@@ -14,7 +14,7 @@ from hetfuse.models import MLP
 from models_zoo_for_tests import inputs, make
 
 # the host-side solvers: where a cost may leave the device (function names in hetfuse, and the solver libraries)
-SOLVERS = {"solve_assignment", "greedy_zip", "as_matrix", "exact_plan"}
+SOLVERS = {"solve_assignment", "sparse_assignment", "greedy_zip", "as_matrix", "exact_plan"}
 SOLVER_MODULES = ("ot.", "scipy.")
 
 
@@ -65,6 +65,8 @@ def _mlps():
     dict(match="perm-weights", depth_align="cla", representation="weights"),
     dict(match="ot-acts", depth_align="sma", solver="sinkhorn", reg=0.05),
     dict(match="ot-weights", depth_align="cla", representation="weights"),
+    dict(match="perm-acts", depth_align="cla", solver="sparse", k=2),
+    dict(match="ot-acts", depth_align="sma", solver="sparse", k=2),
 ])
 def test_an_mlp_fusion_converts_to_numpy_only_in_the_solvers(watch, kw):
     models, x = _mlps()

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import HetfuseError
 from ..registry import register
-from .assignment import solve_assignment
+from .assignment import solve_assignment, sparse_assignment
 from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap, parallel_map
 from .heads import restrict_to_heads
 
@@ -73,10 +73,20 @@ class PermActsParams:
                 "neurons of every space apart instead of averaging them (attention heads and a transformer's "
                 "residual stream excepted); 2 averages nothing (the matched models' ensemble); pair with repair=lsq "
                 "(PLeaS)"})
+    solver: Literal["exact", "sparse"] = field(default="exact", metadata={
+        "help": "exact: SciPy's linear assignment; sparse: approximate, the exact assignment among each neuron's k "
+                "best-correlated partners (rows and columns); up to 3-4x faster on wide layers whose costs single "
+                "out few partners, no faster on nearly uniform ones; its bound on the optimality gap is reported "
+                "per space (match_info 'gaps')"})
+    k: int | None = field(default=None, metadata={"help": "partners per neuron kept by solver=sparse (default 32)"})
 
     def check(self) -> None:
         if not 1.0 <= self.budget <= 2.0:
             raise HetfuseError(f"perm-acts: budget must be between 1 and 2, got {self.budget}")
+        if self.k is not None and self.solver != "sparse":
+            raise HetfuseError(f"perm-acts: k={self.k} applies to solver='sparse' only")
+        if self.k is not None and self.k < 1:
+            raise HetfuseError(f"perm-acts: k must be at least 1, got {self.k}")
 
 
 @register
@@ -93,31 +103,40 @@ class PermActs(NeuronMatcher):
         t = ctx.target
         attention = ctx.graphs[t].attention
         heads = {s for a in attention for s in (a.qk, a.v)}
-        all_cols, all_corr, solvers = [], [], []
+        all_cols, all_corr, solvers, gaps = [], [], [], []
+        sparse = self.params.solver == "sparse"
         for i in range(ctx.n_models):
             if i == t:
                 all_cols.append(None)
                 all_corr.append(None)
                 solvers.append(["identity"] * len(widths))
+                gaps.append([0.0] * len(widths))
                 continue
-            def solve(s: int, i: int = i) -> tuple[np.ndarray, str, np.ndarray | None]:
+            def solve(s: int, i: int = i) -> tuple[np.ndarray, str, np.ndarray | None, float]:
                 # one space's correlations at a time (n x n float64 each: wide layers), kept only where read again
                 corr = st.correlation(i, t, s)  # on the models' device; the solver takes it to the host
-                cols, name = solve_assignment(corr, maximize=True)
-                return cols, name, corr if (self.params.budget > 1.0 or s in heads) else None
+                if sparse and s not in heads:  # (heads: their blocks are assigned exactly below)
+                    found = sparse_assignment(corr, k=self.params.k or 32, maximize=True)
+                    cols, name, gap = found.cols, found.solver, found.relative_gap
+                else:
+                    (cols, name), gap = solve_assignment(corr, maximize=True), 0.0
+                return cols, name, corr if (self.params.budget > 1.0 or s in heads) else None, gap
 
             found = parallel_map(solve, list(range(ctx.n_spaces)))
-            corr = [c for _, _, c in found]
-            all_cols.append(restrict_to_heads([c for c, _, _ in found], corr, attention))
+            corr = [f[2] for f in found]
+            all_cols.append(restrict_to_heads([f[0] for f in found], corr, attention))
             all_corr.append(corr)
-            solvers.append([name + (" (heads as units)" if s in heads else "")
-                            for s, (_, name, _) in enumerate(found)])
+            solvers.append([f[1] + (" (heads as units)" if s in heads else "") for s, f in enumerate(found)])
+            gaps.append([f[3] for f in found])
+        info = {"solvers": solvers}
+        if sparse:  # per model and space: the bound on the relative gap to the optimal total correlation
+            info["gaps"] = gaps
         if self.params.budget == 1.0:
             maps = [[SpaceMap.identity(n) for n in widths] if c is None else [permutation_map(p) for p in c]
                     for c in all_cols]
-            return MatchResult(widths, maps, {"solvers": solvers})
+            return MatchResult(widths, maps, info)
         keep = set(heads)
         if attention:  # a transformer's code ties its attention sizes to the stream's width (x.shape): keep it
             keep |= {s for s, sp in enumerate(ctx.graphs[t].spaces) if sp.stream}
         fused, maps, apart = partial_maps(all_cols, all_corr, widths, self.params.budget, keep)
-        return MatchResult(fused, maps, {"solvers": solvers, "kept_apart": apart})
+        return MatchResult(fused, maps, dict(info, kept_apart=apart))

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from ..errors import HetfuseError
-from .assignment import solve_assignment
+from .assignment import solve_assignment, sparse_assignment
 
-SOLVERS = ("exact", "sinkhorn")
+SOLVERS = ("exact", "sinkhorn", "sparse")
 
 
 class Transport:
@@ -35,12 +35,13 @@ class Transport:
     matrices are formed only on request (:meth:`space_map` keeps it as indices)."""
 
     def __init__(self, forward: torch.Tensor | None = None, incoming: torch.Tensor | None = None, solver: str = "",
-                 cost: float = 0.0, *, cols=None):
+                 cost: float = 0.0, *, cols=None, gap: float = 0.0):
         if cols is None and (forward is None or incoming is None):
             raise ValueError("Transport needs forward and incoming matrices, or cols")
         self._forward, self._incoming = forward, incoming
         self.cols = None if cols is None else np.asarray(cols, dtype=np.int64)
         self.solver, self.cost = solver, cost
+        self.gap = gap  # an approximate solver's bound on (cost - optimum) / cost; 0 for the exact ones
 
     @classmethod
     def identity(cls, n: int) -> Transport:
@@ -110,14 +111,17 @@ def ground_cost(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return c
 
 
-def solve_transport(cost, *, solver: str = "exact", reg: float = 0.01, max_iter: int = 10_000_000) -> Transport:
+def solve_transport(cost, *, solver: str = "exact", reg: float = 0.01, max_iter: int = 10_000_000,
+                    k: int = 32) -> Transport:
     """Optimal transport between uniform marginals for an ``n_src x n_dst`` ground cost (array or tensor).
 
     ``exact``: equal sizes use an exact linear assignment (:func:`~hetfuse.match.assignment.solve_assignment`:
     lapjv with a certificate, else SciPy; the exact plan is then a permutation); different sizes use POT's
     network simplex (``ot.emd``) in float64 with its result code checked; both on the host. ``sinkhorn``: entropic
     OT with regularisation ``reg`` relative to the largest cost entry, log-domain stabilised
-    (:func:`sinkhorn_plan`), in float64 torch tensors on the cost's device; the transport stays there.
+    (:func:`sinkhorn_plan`), in float64 torch tensors on the cost's device; the transport stays there. ``sparse``
+    (equal sizes only): the approximate assignment of :func:`~hetfuse.match.assignment.sparse_assignment` on each
+    neuron's ``k`` nearest partners, with its bound on the relative optimality gap as ``gap``.
     """
     if solver == "sinkhorn":
         if reg <= 0:
@@ -132,6 +136,14 @@ def solve_transport(cost, *, solver: str = "exact", reg: float = 0.01, max_iter:
         if not bool(torch.isfinite(plan).all()):
             raise HetfuseError(f"sinkhorn produced NaN (reg={reg} too small?)")
         return Transport.from_plan(plan, "sinkhorn", float((plan * c).sum()))
+    if solver == "sparse":
+        c = torch.as_tensor(cost).detach()
+        if c.shape[0] != c.shape[1]:
+            raise HetfuseError(f"solver='sparse' is an assignment between equal widths; these are {c.shape[0]} and "
+                               f"{c.shape[1]} neurons (use solver='exact' or 'sinkhorn')")
+        found = sparse_assignment(c, k=k)
+        n = max(1, c.shape[0])
+        return Transport(cols=found.cols, solver=found.solver, cost=found.total / n, gap=found.relative_gap)
     if solver == "exact":
         c = torch.as_tensor(cost).detach()
         if not bool(torch.isfinite(c).all()):
