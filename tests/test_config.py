@@ -46,7 +46,7 @@ def test_method_parameters_go_to_the_stage_whose_method_declares_them():
     c = FusionConfig(balance="merge", merge_sign="majority", solver="sinkhorn", reg=0.05, fix_first=False,
                      repair=False)
     assert c.stage("balance").params == {"merge_sign": "majority"}
-    assert c.stage("match").params == {"solver": "sinkhorn", "reg": 0.05}
+    assert c.stage("match").params == {"solver": "sinkhorn", "reg": 0.05, "k": None}
     assert c.stage("depth_align").params["fix_first"] is False
     assert c.repair == "none" and FusionConfig(repair=True).repair == "auto"
 
@@ -70,7 +70,8 @@ def test_version_1_flat_configurations_still_load():
     assert (c.similarity, c.balance, c.repair, c.samples, c.seed) == ("cka", "merge", "auto", 200, 3)
     assert c.stage("depth_align").params == {"fix_first": True, "fix_last": False}
     assert c.stage("balance").params == {"merge_sign": "majority"}
-    assert c.stage("match").params == {"solver": "exact", "reg": None}  # reg had no effect with the exact solver
+    # reg had no effect with the exact solver
+    assert c.stage("match").params == {"solver": "exact", "reg": None, "k": None}
     with pytest.raises(HetfuseError, match="unknown fusion options: colour"):
         FusionConfig.from_dict(dict(old, colour="red"))
 
