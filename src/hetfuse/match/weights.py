@@ -177,7 +177,8 @@ class PermWeights(NeuronMatcher):
 
 
 def _workers() -> int:
-    """Threads for the descent's independent steps: one per core."""
+    """Threads for the descent's independent steps: two where there are two cores or more (in a random order over a
+    chain of spaces, a third step that conflicts with neither running one is rare)."""
     return max(1, min(2, os.cpu_count() or 1))
 
 
