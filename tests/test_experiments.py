@@ -176,6 +176,30 @@ def test_class_split_smoke(digits, tmp_path):
                         cache=tmp_path / "cache")
 
 
+def test_class_split_keeps_every_finished_row_when_interrupted(digits, tmp_path, monkeypatch):
+    """Rows are written as they finish: a run stopped in the middle of a direction loses only the row it was on."""
+    import hetfuse.experiments.class_split as cs
+
+    setting = cs.Setting("mnist", "digits", {"a": "mlp:24,24", "b": "mlp:24,24,24"},
+                         [([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])], 2, dict(cs.MNIST_RECIPE, lr=0.05, momentum=0.9),
+                         [cs.Method("Homo Zip", "homo", match="zip"), cs.Method("CLAFusion", "hetero")])
+    real, calls = cs.prepare_fusion, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cs, "prepare_fusion", stopped_at_the_second)
+    out = tmp_path / "cs"
+    with pytest.raises(KeyboardInterrupt):
+        cs.run_class_split("mnist", out_dir=out, dataset=digits, setting=setting, samples=60, progress=False,
+                           cache=tmp_path / "cache")
+    _, written = _read(out / "results.csv")
+    assert [r["method"] for r in written] == ["Task A", "Task B", "Ensemble", "Homo Zip"]
+
+
 def test_class_split_summaries_put_the_papers_numbers_beside_ours():
     from types import SimpleNamespace
 

@@ -385,6 +385,7 @@ def run_class_split(name: str, *, data_root=None, out_dir, seeds: Sequence[int] 
                                  task_a=metrics["tasks"][0], task_b=metrics["tasks"][1],
                                  per_task_avg=metrics["per_task_avg"], seconds=seconds))
                 keys.add((str(pair), str(d_idx), label))
+                _write(out / "results.csv", rows)  # after every row: an interrupted run resumes from the next one
 
             def todo(label, *, pair=pair, d_idx=d_idx):
                 return (str(pair), str(d_idx), label) not in keys
