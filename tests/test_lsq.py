@@ -209,3 +209,33 @@ def test_budget_with_three_models_and_a_permuted_copy():
 def test_budget_is_checked():
     with pytest.raises(HetfuseError, match="budget"):
         fuse([_mlp(0), _mlp(1)], torch.randn(20, 6, dtype=torch.float64), match="perm-acts", budget=2.5)
+
+
+@pytest.mark.parametrize("kind,depth_align", [("mlp-nobias", "cla"), ("fc-residual", "cla"), ("vgg-bn", "cla"),
+                                              ("resnet-projection", "cla"), ("vit-hand", "lma")])
+def test_one_pass_over_all_samples_refits_as_the_layer_by_layer_route(kind, depth_align, monkeypatch):
+    """Where every network's values fit in memory, lsq runs each network once over all samples (each layer's inputs
+    read as the pass reaches it, after the layers before it were refitted); else it recomputes every layer's inputs
+    from the network's input, batch by batch. Both give the same refit."""
+    import hetfuse.repair.lsq as lsq
+    from models_zoo_for_tests import inputs, make
+
+    x = inputs(kind, 48, 0)
+    models = [make(kind, 0, x), make(kind, 1, x)]
+    made = []
+    stepper = lsq._Stepper
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return stepper(*args, **kwargs)
+
+    monkeypatch.setattr(lsq, "_Stepper", counted)
+    one_pass = fuse(models, x, match="perm-acts", depth_align=depth_align, repair="lsq", samples=48,
+                    repair_samples=48).model
+    assert len(made) == 3  # the fused network and both parents
+    monkeypatch.setattr(lsq, "LOCKSTEP_BYTES", 0)
+    by_layer = fuse(models, x, match="perm-acts", depth_align=depth_align, repair="lsq", samples=48,
+                    repair_samples=48).model
+    assert len(made) == 3  # not used this time
+    with torch.no_grad():
+        torch.testing.assert_close(one_pass(x), by_layer(x), rtol=1e-4, atol=1e-5)

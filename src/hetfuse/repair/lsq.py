@@ -44,6 +44,8 @@ from ..registry import register
 from .base import Repair, has_batchnorm
 
 DESIGN_BYTES = 128 << 20  # one batch's regression rows at most
+LOCKSTEP_BYTES = 4 << 30  # all networks run once over all samples when their values fit in this (estimated as
+# REPAIR's one pass estimates them), else every layer's inputs are recomputed from the network's input in batches
 
 
 class _Stop(Exception):
@@ -91,6 +93,76 @@ def _read(model: nn.Module, name: str, x: torch.Tensor, *, inputs: bool) -> torc
     if not got:
         raise HetfuseError(f"lsq: module '{name}' was not called by the network's forward pass")
     return got[0]
+
+
+class _Stepper:
+    """A traced network run node by node on all samples, as far as each request needs: the input of a module's call
+    (before the call runs, so a refit of that module is what the rest of the pass sees) or its output. Values are
+    freed after their last use, as ``torch.fx.Interpreter`` frees them."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        from torch import fx
+
+        from ..graph.trace import trace
+
+        self.interp = fx.Interpreter(trace(model))
+        self.interp.env = {}
+        self.interp.args_iter = iter([x])
+        self.nodes = list(self.interp.graph.nodes)
+        self.first: dict[str, int] = {}  # module name -> position of its first call
+        for k, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                self.first.setdefault(str(n.target), k)
+        self.pos = 0
+
+    def position(self, name: str) -> int | None:
+        return self.first.get(name)
+
+    def _advance(self, stop: int) -> None:
+        it = self.interp
+        while self.pos < stop:
+            node = self.nodes[self.pos]
+            it.env[node] = it.run_node(node)
+            for done in it.user_to_last_uses.get(node, []):
+                del it.env[done]
+            self.pos += 1
+
+    def input_of(self, name: str) -> torch.Tensor:
+        k = self.first[name]
+        if self.pos > k:
+            raise HetfuseError(f"lsq: module '{name}' was passed already")
+        self._advance(k)
+        return self.interp.env[self.nodes[k].args[0]]
+
+    def output_of(self, name: str) -> torch.Tensor:
+        k = self.first[name]
+        self._advance(k + 1)
+        value = self.interp.env.get(self.nodes[k])
+        if value is None:
+            raise HetfuseError(f"lsq: the output of module '{name}' was freed already")
+        return value
+
+
+def _lockstep(model: nn.Module, parents: list[nn.Module], x: torch.Tensor, order: list[tuple[str, list[str]]],
+              graphs) -> list[_Stepper] | None:
+    """Steppers for the fused network and every parent where one pass over all samples fits in memory and every
+    network reaches the layers in the order of ``order`` (fused layer, the parents' read points); else None."""
+    from .repair import _peak_bytes
+
+    if sum(_peak_bytes(g, x.shape[0]) for g in graphs) > LOCKSTEP_BYTES:
+        return None
+    try:
+        steppers = [_Stepper(model, x)] + [_Stepper(p, x) for p in parents]
+    except Exception:  # a network torch.fx does not trace here (an exported graph): the layer-by-layer route
+        return None
+    fused_at = [steppers[0].position(name) for name, _ in order]
+    if any(k is None for k in fused_at) or fused_at != sorted(fused_at):
+        return None
+    for i, st in enumerate(steppers[1:]):
+        at = [st.position(reads[i]) for _, reads in order]
+        if any(k is None for k in at) or at != sorted(at):
+            return None
+    return steppers
 
 
 def _following_norm(graph, info) -> str | None:
@@ -171,23 +243,20 @@ def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None
         model = _add_biases(model, missing_bias)
     dev = next(iter(model.parameters())).device
     x = x.to(dev)
-    details = []
+    # what each layer is fitted from, decided before any is refitted (shapes and read points do not change)
+    plan: list[dict] = []
     for mi, info, op, norm in layers:
         mod = model.get_submodule(info.name)
         try:
             first = _read(model, info.name, x[:1], inputs=True)
         except HetfuseError:
-            details.append({"layer": info.name, "refit": False, "why": "not called as a module"})
+            plan.append({"layer": info.name, "refit": False, "why": "not called as a module"})
             continue
         probe = op.design(mod, first.to(torch.float64))
         if probe is None:
-            details.append({"layer": info.name, "refit": False, "why": "not an ungrouped linear map"})
+            plan.append({"layer": info.name, "refit": False, "why": "not an ungrouped linear map"})
             continue
         si = weight_slot[(mi, "weight")]
-        n_out = mod.weight.shape[0]
-        producing = prepared.aligned.producing[si]
-        b = [(_shares_along(n_out, producing, beta[i], w[i]) if producing
-              else torch.full((n_out,), float(w[i]), dtype=torch.float64)).to(dev) for i in range(len(w))]
         read_at = [g.modules[mi].name for g in prepared.balanced_graphs]
         parent_layers = [p.get_submodule(name) for p, name in zip(parents, read_at, strict=True)]
         affine = None
@@ -197,18 +266,42 @@ def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None
                 ni = next(k for k, m in enumerate(graph.modules) if m.name == norm)
                 read_at, affine = [g.modules[ni].name for g in prepared.balanced_graphs], (a.to(dev), c.to(dev))
         if not targets.supported(si):
-            details.append({"layer": info.name, "refit": False, "why": "a packed projection"})
+            plan.append({"layer": info.name, "refit": False, "why": "a packed projection"})
             continue
-        d = probe.shape[1]
+        plan.append({"layer": info.name, "refit": True, "op": op, "norm": norm, "si": si, "read_at": read_at,
+                     "parent_layers": parent_layers, "affine": affine, "rows": probe.shape[0], "d": probe.shape[1]})
+    fitted = [e for e in plan if e["refit"]]
+    steppers = _lockstep(model, parents, x, [(e["layer"], e["read_at"]) for e in fitted],
+                         [graph, *prepared.balanced_graphs])
+    details = []
+    for e in plan:
+        if not e["refit"]:
+            details.append(e)
+            continue
+        name, op, si, d, read_at, affine = e["layer"], e["op"], e["si"], e["d"], e["read_at"], e["affine"]
+        mod = model.get_submodule(name)
+        n_out = mod.weight.shape[0]
+        producing = prepared.aligned.producing[si]
+        b = [(_shares_along(n_out, producing, beta[i], w[i]) if producing
+              else torch.full((n_out,), float(w[i]), dtype=torch.float64)).to(dev) for i in range(len(w))]
+        if steppers is not None:  # every network once over all samples: this layer's input, the parents' outputs
+            layer_in = steppers[0].input_of(name)
+            parent_out = [st.output_of(r) for st, r in zip(steppers[1:], read_at, strict=True)]
         gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev)
         cross = torch.zeros(d + 1, n_out, dtype=torch.float64, device=dev)
-        bs = _batch_size(probe.shape[0], d, x.shape[0])
+        bs = _batch_size(e["rows"], d, x.shape[0])
         for start in range(0, x.shape[0], bs):
-            xb = x[start:start + bs]
-            design = op.design(mod, _read(model, info.name, xb, inputs=True).to(torch.float64))
+            if steppers is not None:
+                inp = layer_in[start:start + bs]
+                outs = [o[start:start + bs] for o in parent_out]
+            else:  # recomputed from the input, batch by batch
+                xb = x[start:start + bs]
+                inp = _read(model, name, xb, inputs=True)
+                outs = [_read(p, read_at[i], xb, inputs=False) for i, p in enumerate(parents)]
+            design = op.design(mod, inp.to(torch.float64))
             design = torch.cat([design, torch.ones(design.shape[0], 1, dtype=design.dtype, device=dev)], 1)
-            own = [targets(i, si, op.outputs(parent_layers[i], _read(p, read_at[i], xb, inputs=False)
-                                             .to(torch.float64))) for i, p in enumerate(parents)]
+            own = [targets(i, si, op.outputs(e["parent_layers"][i], o.to(torch.float64)))
+                   for i, o in enumerate(outs)]
             if outputs == "direction" and not producing:  # the output layer: every parent's rows at one norm
                 norms = [o.norm(dim=1, keepdim=True) for o in own]
                 common = sum(norms) / len(norms)
@@ -218,6 +311,8 @@ def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None
                 target = (target - affine[1]) / affine[0]
             gram += design.T @ design
             cross += design.T @ target
+        if steppers is not None:
+            del layer_in, parent_out
         w0 = torch.cat([_current_solution(op, mod, d), _current_bias(mod, n_out, dev)[None]], 0)
         lam = ridge * float(gram[:d, :d].diagonal().mean()) if d else 0.0
         reg = torch.ones(d + 1, dtype=torch.float64, device=dev)
@@ -238,9 +333,9 @@ def lsq_refit(model: nn.Module, ctx, *, ridge: float = 1e-4, samples: int | None
         if getattr(mod, "bias", None) is not None:
             mod.bias.copy_(sol[d].to(mod.bias.dtype))
         elif affine is not None:  # a bias-free conv + BatchNorm: the bias moves into the running mean
-            bn = model.get_submodule(norm)
+            bn = model.get_submodule(e["norm"])
             bn.running_mean.copy_((bn.running_mean.to(torch.float64) - sol[d]).to(bn.running_mean.dtype))
-        details.append({"layer": info.name, "refit": True, "at": read_at, "inputs": d,
+        details.append({"layer": name, "refit": True, "at": read_at, "inputs": d,
                         "observations": int(gram[d, d]), "ridge": lam,
                         "objective_reduction": before - after})
     return model.eval(), {"layers": details}
