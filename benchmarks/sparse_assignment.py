@@ -30,29 +30,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _potentials(n: int, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor, max_iter: int = 100_000):
-    """Shortest distances from a virtual source (arcs of length 0 to every node) over arcs src -> dst of length w
-    (Bellman-Ford, vectorised; None when a negative cycle keeps it from settling)."""
-    d = torch.zeros(n, dtype=torch.float64)
-    for _ in range(max_iter):
-        new = d.scatter_reduce(0, dst, d[src] + w, reduce="amin", include_self=True)
-        if torch.equal(new, d):
-            return d
-        d = new
-    return None
-
-
 def sparse_priced(c: np.ndarray, k: int = 32, add: int = 16, max_rounds: int = 50):
     """The optimal column of every row, and the number of pricing rounds it took."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
+    from hetfuse.match.assignment import _potentials, candidate_keys
+
     n = c.shape[0]
     ct = torch.from_numpy(c)
-    rows_k = torch.topk(ct, k, dim=1, largest=False).indices
-    cols_k = torch.topk(ct, k, dim=0, largest=False).indices
-    keys = torch.unique(torch.cat([torch.arange(n).repeat_interleave(k) * n + rows_k.reshape(-1),
-                                   cols_k.T.reshape(-1) * n + torch.arange(n).repeat(k)]))
+    keys = candidate_keys(ct, k)
     shift = float(ct.min()) - 1.0  # the sparse solver drops explicit zeros: keep every kept entry positive
     tol = 1e-9 * max(1.0, float(ct.abs().max()))
     for rounds in range(1, max_rounds + 1):

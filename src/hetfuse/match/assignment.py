@@ -125,10 +125,7 @@ def sparse_assignment(cost, *, k: int = 32, maximize: bool = False) -> SparseAss
 
     dev = c.device
     ar = torch.arange(n, device=dev)
-    by_row = torch.topk(c, k, dim=1, largest=False).indices
-    by_col = torch.topk(c, k, dim=0, largest=False).indices
-    keys = torch.unique(torch.cat([ar.repeat_interleave(k) * n + by_row.reshape(-1),
-                                   by_col.T.reshape(-1) * n + ar.repeat(k)]))
+    keys = candidate_keys(c, k)
     i, j = keys // n, keys % n
     vals = c[i, j]
     shift = float(vals.min()) - 1.0  # the sparse solver reads stored zeros as missing entries: keep all positive
@@ -150,6 +147,17 @@ def sparse_assignment(cost, *, k: int = 32, maximize: bool = False) -> SparseAss
         u = (c - v[None, :]).amin(1)
         lower = max(lower, float(u.sum() + v.sum()))
     return SparseAssignment(sol.cpu().numpy(), sign * total, max(0.0, total - lower), "sparse")
+
+
+def candidate_keys(c: torch.Tensor, k: int) -> torch.Tensor:
+    """The entries (as ``row * n + column``, sorted) that are among the ``k`` smallest of their row or of their
+    column of the square ``c``."""
+    n = c.shape[0]
+    ar = torch.arange(n, device=c.device)
+    by_row = torch.topk(c, k, dim=1, largest=False).indices
+    by_col = torch.topk(c, k, dim=0, largest=False).indices
+    return torch.unique(torch.cat([ar.repeat_interleave(k) * n + by_row.reshape(-1),
+                                   by_col.T.reshape(-1) * n + ar.repeat(k)]))
 
 
 def _potentials(n: int, src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor, max_iter: int = 100_000):
