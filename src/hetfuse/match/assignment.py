@@ -24,6 +24,8 @@ import torch
 
 from ..errors import HetfuseError
 
+SPARSE_K = 32  # partners per neuron of the approximate solver, by default
+
 _LAPJV = None
 
 
@@ -91,7 +93,7 @@ class SparseAssignment:
         return self.gap / abs(self.total) if self.total else 0.0
 
 
-def sparse_assignment(cost, *, k: int = 32, maximize: bool = False) -> SparseAssignment:
+def sparse_assignment(cost, *, k: int = SPARSE_K, maximize: bool = False) -> SparseAssignment:
     """An approximate linear assignment of a square ``cost`` (NumPy array or torch tensor on any device) and a bound
     on its distance from the optimum.
 

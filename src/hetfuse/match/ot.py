@@ -12,6 +12,7 @@ import torch
 from ..errors import HetfuseError
 from ..registry import register
 from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap, parallel_map
+from .assignment import SPARSE_K
 from .transport import Transport, ground_cost, solve_transport
 
 
@@ -60,7 +61,7 @@ class _OT(NeuronMatcher):
 
     def _solve(self, cost):
         return solve_transport(cost, solver=self.params.solver, reg=self.params.regularisation,
-                               k=self.params.k or 32)
+                               k=self.params.k or SPARSE_K)
 
     def match(self, ctx: MatchContext) -> MatchResult:
         t = ctx.target

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import HetfuseError
 from ..registry import register
-from .assignment import solve_assignment, sparse_assignment
+from .assignment import SPARSE_K, solve_assignment, sparse_assignment
 from .base import MatchContext, MatchResult, NeuronMatcher, SpaceMap, parallel_map
 from .heads import restrict_to_heads
 
@@ -116,7 +116,7 @@ class PermActs(NeuronMatcher):
                 # one space's correlations at a time (n x n float64 each: wide layers), kept only where read again
                 corr = st.correlation(i, t, s)  # on the models' device; the solver takes it to the host
                 if sparse and s not in heads:  # (heads: their blocks are assigned exactly below)
-                    found = sparse_assignment(corr, k=self.params.k or 32, maximize=True)
+                    found = sparse_assignment(corr, k=self.params.k or SPARSE_K, maximize=True)
                     cols, name, gap = found.cols, found.solver, found.relative_gap
                 else:
                     (cols, name), gap = solve_assignment(corr, maximize=True), 0.0

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import HetfuseError
-from .assignment import solve_assignment, sparse_assignment
+from .assignment import SPARSE_K, solve_assignment, sparse_assignment
 
 SOLVERS = ("exact", "sinkhorn", "sparse")
 
@@ -112,7 +112,7 @@ def ground_cost(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 
 def solve_transport(cost, *, solver: str = "exact", reg: float = 0.01, max_iter: int = 10_000_000,
-                    k: int = 32) -> Transport:
+                    k: int = SPARSE_K) -> Transport:
     """Optimal transport between uniform marginals for an ``n_src x n_dst`` ground cost (array or tensor).
 
     ``exact``: equal sizes use an exact linear assignment (:func:`~hetfuse.match.assignment.solve_assignment`:
