@@ -159,7 +159,7 @@ def test_the_converged_settings_name_their_parents_and_refuse_what_does_not_appl
     from hetfuse.experiments import class_split as C
 
     for name, keys in [("converged-resnet", ("resnet20", "resnet32")), ("converged-vgg", ("vgg11", "vgg16")),
-                       ("converged-width", ("resnet20", "resnet20x2"))]:
+                       ("converged-width", ("resnet20x0.5", "resnet20"))]:
         s = C.settings(name)
         assert s.parents == dict(zip("ab", keys, strict=True))
         for k in range(len(s.splits)):

@@ -267,7 +267,7 @@ def _converged(name: str, splits: int | None) -> Setting:
     from .parents import PARENTS, RECIPE
 
     keys = {"converged-resnet": ("resnet20", "resnet32"), "converged-vgg": ("vgg11", "vgg16"),
-            "converged-width": ("resnet20", "resnet20x2")}
+            "converged-width": ("resnet20x0.5", "resnet20")}
     if name not in keys:
         raise HetfuseError(f"unknown class-split setting {name!r}; known: {', '.join(keys)}")
     ka, kb = keys[name]
@@ -282,7 +282,8 @@ def _converged(name: str, splits: int | None) -> Setting:
         methods = [Method("Elastic zip", "hetero", "cla", "elastic-zip", {"width": "max"}),
                    Method("Elastic zip (min width)", "hetero", "cla", "elastic-zip", {"width": "min"}),
                    Method("OT to the wider", "hetero", "cla", "ot-acts", {"target": 1})]
-        family, note = "width", note + "; the paper's Table III is on CIFAR-100 50+50 with ResNet26 x4 and x8"
+        family, note = "width", note + ("; the paper's Table III is on CIFAR-100 50+50 with ResNet26 x4 and x8, ours: "
+                                              "ResNet-20 x0.5 and x1 (the same width ratio 2)")
     else:
         methods, family = paper_grid(), name.removeprefix("converged-")
         note += ("; the paper: ResNet26/ResNet50 x8 ([4,4,4] vs [8,8,8] blocks), ours: ResNet-20/ResNet-32 x1 ([3,3,3] "

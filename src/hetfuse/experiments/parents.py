@@ -81,7 +81,9 @@ _RESNETS = {"resnet20": "resnet20:w=1", "resnet32": "resnet32:w=1"}
 _VGGS = {"vgg11": "vgg11:w=0.5,bn", "vgg16": "vgg16:w=0.5,bn"}
 
 # Training order: one complete split of the ResNet depth pair first (the first table that can be run), then the
-# second split, the full-data ResNet pair, the VGG pair, the width pair.
+# second split, the full-data ResNet pair, the VGG pair, the width pair. The width pair is ResNet-20 x0.5 beside the
+# committed x1 task models (the paper's width ratio 2 at a sixth of the CPU time of x1 beside x2: the x2 models,
+# ~3x the epoch time of x1, would take about 8 of the issue's ~8 core-hours on their own).
 PARENTS: dict[str, Parent] = {p.name: p for p in [
     *_class_split(_RESNETS, 30, splits=(0,)),
     *_class_split(_RESNETS, 30, splits=(1,)),
@@ -90,7 +92,7 @@ PARENTS: dict[str, Parent] = {p.name: p for p in [
     *_class_split(_VGGS, 30),
     Parent("full-vgg11", "vgg11:w=0.5,bn", 40),
     Parent("full-vgg16", "vgg16:w=0.5,bn", 40),
-    *_class_split({"resnet20x2": "resnet20:w=2"}, 30),
+    *_class_split({"resnet20x0.5": "resnet20:w=0.5"}, 30),
 ]}
 
 
