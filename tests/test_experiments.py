@@ -259,6 +259,23 @@ def test_vit_class_split_setting_has_two_splits_and_the_papers_rows():
         assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 512)
 
 
+def test_every_class_split_row_is_a_valid_fusion_config():
+    """A typo in a row's parameters would only show as a NaN row after hours of fusions: every method of every
+    setting builds its FusionConfig (as the runner does) without an error."""
+    from hetfuse.experiments.class_split import settings
+
+    names = ["mnist", "cifar-resnet", "cifar-vgg", "width", "converged-resnet", "converged-vgg", "converged-width",
+             "gap-mnist", "gap-converged-resnet", "vit-mnist"]
+    for name in names:
+        for m in settings(name).methods:
+            params = dict(m.params)
+            target, samples = params.pop("target", None), params.pop("samples", 100)
+            cfg = FusionConfig(depth_align=m.depth_align, match=m.match, samples=samples, target=target, **params)
+            assert cfg.match == m.match, (name, m.label)
+    with pytest.raises(HetfuseError):
+        FusionConfig(match="elastic-zip", no_such_parameter=1)
+
+
 def test_skill_transfer_gap_grid_smoke(digits, tmp_path):
     from hetfuse.experiments import run_skill_methods
 

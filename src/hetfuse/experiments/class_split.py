@@ -281,9 +281,12 @@ def _converged(name: str, splits: int | None) -> Setting:
     if name == "converged-width":
         methods = [Method("Elastic zip", "hetero", "cla", "elastic-zip", {"width": "max"}),
                    Method("Elastic zip (min width)", "hetero", "cla", "elastic-zip", {"width": "min"}),
-                   Method("OT to the wider", "hetero", "cla", "ot-acts", {"target": 1})]
-        family, note = "width", note + ("; the paper's Table III is on CIFAR-100 50+50 with ResNet26 x4 and x8, ours: "
-                                              "ResNet-20 x0.5 and x1 (the same width ratio 2)")
+                   Method("OT to the wider", "hetero", "cla", "ot-acts", {"target": 1}),
+                   Method("Elastic zip + LSQ", "hetero", "cla", "elastic-zip",
+                          {"width": "max", "repair": "lsq", "fit_samples": 500}, new=True)]
+        family = "width"
+        note += ("; the paper's Table III is on CIFAR-100 50+50 with ResNet26 x4 and x8, ours: ResNet-20 x0.5 and x1 "
+                 "(the same width ratio 2)")
     else:
         methods, family = paper_grid(), name.removeprefix("converged-")
         note += ("; the paper: ResNet26/ResNet50 x8 ([4,4,4] vs [8,8,8] blocks), ours: ResNet-20/ResNet-32 x1 ([3,3,3] "
