@@ -164,7 +164,7 @@ def train_parent(p: Parent, ds, *, out_root=None, progress: bool = True, command
     t0 = time.perf_counter()
     result = fit(model, x, y, settings, out=state_dir / f"{p.name}.safetensors", head=head, progress=progress,
                  evaluate=lambda m: _metrics(m, head, p, ds),
-                 metadata={"parent": asdict(p)})
+                 metadata={"parent": asdict(p)}, desc=f"train {p.name}")
     folder.mkdir(parents=True, exist_ok=True)
     model = result.model.float().eval()
     n_bytes = sum(t.numel() * 4 for t in model.state_dict().values())

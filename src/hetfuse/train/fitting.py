@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -226,7 +227,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
     resumed_from = start - 1
     bar = tqdm(total=max(0, min(budget, settings.epochs * steps_per_epoch) - (start - 1) * steps_per_epoch),
                desc=desc or ("finetune" if teacher is None else "distill"), disable=not progress or rank != 0,
-               leave=False)
+               leave=False, mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file: a line per 30 s
     steps = (start - 1) * steps_per_epoch
     try:
         for epoch in range(start, settings.epochs + 1):
