@@ -195,5 +195,19 @@ def test_the_one_shot_experiment_fuses_the_committed_full_data_parents(tiny, mon
     assert rows[0]["acc_b"] == pytest.approx(accuracy(shallow, ds.x_test, ds.y_test))
     assert rows[0]["acc_fused"] == rows[0]["acc_a"]  # wB = 0 without repair: model A itself
     assert rows[1]["acc_fused"] == pytest.approx(rows[1]["acc_b"])  # wB = 1: B with zero (identity) blocks added
+    # the ensemble is read off each parent's outputs computed once: its ends are the parents themselves
+    assert rows[0]["acc_ensemble"] == rows[0]["acc_a"] and rows[1]["acc_ensemble"] == rows[1]["acc_b"]
     summary = (tmp_path / "o" / "summary.md").read_text()
     assert "`resnet32:w=0.25`" in summary and "committed in results/parents" in summary
+
+    # several seeds (the alignment samples): a folder each and a summary of means over them
+    from hetfuse.experiments import run_cifar_experiment
+
+    rows = run_cifar_experiment("converged-test", seeds=[0, 1], out_dir=tmp_path / "s", samples=16, progress=False,
+                                dataset=ds, wbs=(0.5,), command="hetfuse experiment cifar-converged-test")
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert (tmp_path / "s" / "seed0" / "results.csv").is_file() and (tmp_path / "s" / "seed1" / "results.csv").is_file()
+    text = (tmp_path / "s" / "summary.md").read_text()
+    fused = [r["acc_fused_repair"] for r in rows]
+    mean, std = sum(fused) / 2, abs(fused[0] - fused[1]) / 2 ** 0.5
+    assert f"{mean:.2f} ± {std:.2f}" in text and "seeds [0, 1]" in text

@@ -23,6 +23,10 @@ def run_cifar_experiment(setup: str, *, seeds, **kwargs):
     rows = []
     for s in seeds:
         rows += run_cifar_oneshot(setup=setup, seed=s, out_dir=out if len(seeds) == 1 else out / f"seed{s}", **kwargs)
+    if len(seeds) > 1:
+        from .cifar_oneshot import write_seed_summary
+
+        write_seed_summary(out, setup, rows, kwargs.get("command"))
     return rows
 
 

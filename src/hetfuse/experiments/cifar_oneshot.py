@@ -21,11 +21,14 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from ..config import FusionConfig
 from ..data import Dataset, load_dataset
 from ..pipeline import prepare_fusion
 from ..report.tables import fmt as _fmt
-from ..train import accuracy, ensemble_accuracy
+from ..report.tables import fmt_ms
+from ..train import accuracy, class_scores, predict_logits
 from .common import prepare_output, train_zoo, write_command, write_csv
 
 SETUPS = {
@@ -65,7 +68,9 @@ def run_cifar_oneshot(*, data_root=None, setup: str = "resnet", out_dir, epochs:
         spec_a, spec_b = specs if specs is not None else (SETUPS[setup]["a"], SETUPS[setup]["b"])
         a, meta_a = train_zoo(spec_a, ds, epochs=epochs, seed=seed, cache=cache, progress=progress)
         b, meta_b = train_zoo(spec_b, ds, epochs=epochs, seed=seed + 1, cache=cache, progress=progress)
-    acc_a, acc_b = accuracy(a, ds.x_test, ds.y_test), accuracy(b, ds.x_test, ds.y_test)
+    # each parent's test outputs once: its accuracy and the ensemble at every wB are read off them
+    probs = [torch.softmax(class_scores(predict_logits(m, ds.x_test)), dim=1) for m in (a, b)]
+    acc_a, acc_b = (_acc(p, ds.y_test) for p in probs)
     t0 = time.perf_counter()
     config = FusionConfig(representation="cka", balance="add", match="ot-acts", samples=samples,
                           repair_samples=samples, seed=seed, progress=progress)
@@ -78,7 +83,7 @@ def run_cifar_oneshot(*, data_root=None, setup: str = "resnet", out_dir, epochs:
     for wb in wbs:
         w = [1 - wb, wb]
         rows.append({"setup": setup, "seed": seed, "wb": wb, "acc_a": acc_a, "acc_b": acc_b,
-                     "acc_ensemble": ensemble_accuracy([a, b], w, ds.x_test, ds.y_test),
+                     "acc_ensemble": _acc(w[0] * probs[0] + w[1] * probs[1], ds.y_test),
                      "acc_vanilla": accuracy(vanilla.combine(w, repair=False), ds.x_test, ds.y_test) if vanilla else "",
                      "acc_vanilla_repair": accuracy(vanilla.combine(w, repair=True), ds.x_test, ds.y_test)
                      if vanilla else "",
@@ -94,6 +99,10 @@ def run_cifar_oneshot(*, data_root=None, setup: str = "resnet", out_dir, epochs:
     cmd = write_command(out, command)
     _summary(out / "summary.md", setup, spec_a, spec_b, rows, report, epochs, samples, ds, cmd)
     return rows
+
+
+def _acc(scores: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * float((scores.argmax(dim=1) == y.long()).float().mean())
 
 
 def _parent(name: str, ds, data_root, progress):
@@ -144,3 +153,32 @@ def _summary(path: Path, setup, spec_a, spec_b, rows, report, epochs, samples, d
                "the paper's parents are full-width and trained for 300 epochs, so only the relative picture "
                "(fused vs parents, with vs without repair) is comparable.")]
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_seed_summary(out: Path, setup: str, rows: list[dict], command: str | None = None) -> Path:
+    """``out/summary.md`` of a run over several seeds (each seed's files in ``out/seed<N>/``): every column as mean
+    ± std over the seeds, per wB. For the committed parents (``converged-*``) the seed changes only which training
+    images the alignment and the BatchNorm reset read, so the spread is that of the alignment samples."""
+    seeds = sorted({r["seed"] for r in rows})
+    cols = [("acc_a", "A"), ("acc_b", "B"), ("acc_ensemble", "ensemble"), ("acc_vanilla", "vanilla avg"),
+            ("acc_vanilla_repair", "vanilla + repair"), ("acc_fused", "fused one-shot"),
+            ("acc_fused_repair", "fused + repair")]
+    cols = [(k, label) for k, label in cols if any(r[k] != "" for r in rows)]
+    what = ("the parents are the committed ones (the same in every run); the seed picks the training images of the "
+            "alignment and of the BatchNorm reset" if setup in PARENT_SETUPS else
+            "seed s trains A with seed s and B with seed s + 1 (or reads them from the cache)")
+    paper = {**SETUPS, **PARENT_SETUPS}.get(setup, {}).get("paper", "n/a")
+    lines = [f"# One-shot CLAFusion on CIFAR-10: {setup}, {len(seeds)} seeds", "",
+             f"Mean ± std over seeds {seeds} ({what}); each seed's recipe, CLA mapping, raw rows and command are in "
+             "its `seed<N>/` folder.", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += ["| wB | " + " | ".join(label for _, label in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for wb in sorted({r["wb"] for r in rows}):
+        sel = [r for r in rows if r["wb"] == wb]
+        lines.append(f"| {wb} | " + " | ".join(fmt_ms([float(r[k]) for r in sel if r[k] != ""]) for k, _ in cols)
+                     + " |")
+    lines += ["", f"Paper: {paper}."]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
