@@ -211,3 +211,4 @@ def test_the_one_shot_experiment_fuses_the_committed_full_data_parents(tiny, mon
     fused = [r["acc_fused_repair"] for r in rows]
     mean, std = sum(fused) / 2, abs(fused[0] - fused[1]) / 2 ** 0.5
     assert f"{mean:.2f} ± {std:.2f}" in text and "seeds [0, 1]" in text
+    assert (tmp_path / "s" / "command.txt").read_text().startswith("hetfuse experiment cifar-converged-test")

@@ -179,6 +179,8 @@ def write_seed_summary(out: Path, setup: str, rows: list[dict], command: str | N
         lines.append(f"| {wb} | " + " | ".join(fmt_ms([float(r[k]) for r in sel if r[k] != ""]) for k, _ in cols)
                      + " |")
     lines += ["", f"Paper: {paper}."]
+    if command:
+        write_command(out, command)
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
