@@ -28,7 +28,7 @@ from ..data import Dataset, load_dataset
 from ..pipeline import prepare_fusion
 from ..report.tables import fmt as _fmt
 from ..report.tables import fmt_ms
-from ..train import accuracy, class_scores, predict_logits
+from ..train import accuracy, class_probabilities, predict_logits
 from .common import prepare_output, train_zoo, write_command, write_csv
 
 SETUPS = {
@@ -69,7 +69,7 @@ def run_cifar_oneshot(*, data_root=None, setup: str = "resnet", out_dir, epochs:
         a, meta_a = train_zoo(spec_a, ds, epochs=epochs, seed=seed, cache=cache, progress=progress)
         b, meta_b = train_zoo(spec_b, ds, epochs=epochs, seed=seed + 1, cache=cache, progress=progress)
     # each parent's test outputs once: its accuracy and the ensemble at every wB are read off them
-    probs = [_probabilities(predict_logits(m, ds.x_test)) for m in (a, b)]
+    probs = [class_probabilities(predict_logits(m, ds.x_test)) for m in (a, b)]
     acc_a, acc_b = (_acc(p, ds.y_test) for p in probs)
     t0 = time.perf_counter()
     config = FusionConfig(representation="cka", balance="add", match="ot-acts", samples=samples,
@@ -99,12 +99,6 @@ def run_cifar_oneshot(*, data_root=None, setup: str = "resnet", out_dir, epochs:
     cmd = write_command(out, command)
     _summary(out / "summary.md", setup, spec_a, spec_b, rows, report, epochs, samples, ds, cmd)
     return rows
-
-
-def _probabilities(out: torch.Tensor) -> torch.Tensor:
-    """Class probabilities as :func:`hetfuse.train.ensemble_accuracy` averages them (a multi-head network's are
-    its heads' mean probabilities)."""
-    return class_scores(out) if out.dim() == 3 else torch.softmax(out, dim=1)
 
 
 def _acc(scores: torch.Tensor, y: torch.Tensor) -> float:

@@ -114,6 +114,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * float((pred == y.long()).float().mean())
 
 
+def class_probabilities(outputs: torch.Tensor) -> torch.Tensor:
+    """Per-class probabilities of a model's outputs, as an ensemble averages them: the softmax of the outputs, or
+    for a multi-head network its heads' mean probabilities (:func:`class_scores`)."""
+    return class_scores(outputs) if outputs.dim() == 3 else torch.softmax(outputs, dim=1)
+
+
 def ensemble_accuracy(models: Sequence[nn.Module], weights: Sequence[float], x: torch.Tensor,
                       y: torch.Tensor) -> float:
     """Accuracy (percent) of the ``weights``-weighted average of the models' softmax probabilities."""
@@ -132,7 +138,7 @@ def ensemble_accuracy(models: Sequence[nn.Module], weights: Sequence[float], x: 
     probs = None
     for m, w in zip(models, weights, strict=False):
         out = predict_logits(m, x)
-        p = w * (class_scores(out) if out.dim() == 3 else torch.softmax(out, dim=1))
+        p = w * class_probabilities(out)
         probs = p if probs is None else probs + p
     pred = probs.argmax(dim=1)
     return 100.0 * float((pred == y.long()).float().mean())
