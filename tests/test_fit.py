@@ -122,8 +122,8 @@ def test_an_interrupted_fit_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     real = fit_module._save_state
 
-    def crash_after_two(path, model, opt, epoch, *rest):
-        real(path, model, opt, epoch, *rest)
+    def crash_after_two(path, model, opt, epoch, *rest, **kw):
+        real(path, model, opt, epoch, *rest, **kw)
         if epoch == 2:
             raise KeyboardInterrupt
 
@@ -143,6 +143,47 @@ def test_an_interrupted_fit_resumes_to_the_same_weights(tmp_path, monkeypatch):
     again = fit(_mlp(), x, y, FitSettings(epochs=4, lr=0.05, batch_size=32, seed=3, channels_last=True), out=out,
                 progress=False)
     assert again.resumed_from == 4
+
+
+def test_a_state_in_several_files_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    x, y = _data()
+    s = FitSettings(epochs=4, lr=0.05, batch_size=32, seed=3)
+    whole = fit(_mlp(), x, y, s, progress=False)
+    limit = 300  # bytes: the 8-16-3 network's weights and momentum (~1.4 kB) in several files
+    real = fit_module._save_state
+    seen = []
+
+    def crash_after_two(path, model, opt, epoch, *rest, **kw):
+        real(path, model, opt, epoch, *rest, **kw)
+        seen.append(sorted(f.name for f in path.parent.glob("cut.state*")))
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_module, "_save_state", crash_after_two)
+    out = tmp_path / "cut.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        fit(_mlp(), x, y, s, out=out, progress=False, state_shard_bytes=limit)
+    monkeypatch.setattr(fit_module, "_save_state", real)
+    # each epoch's parts replace the previous epoch's; no file is over the limit unless one tensor is
+    assert any("e1.part" in n for n in seen[0]) and not any("e1.part" in n for n in seen[1])
+    biggest = max(v.numel() * v.element_size() for v in _mlp().state_dict().values())
+    for f in tmp_path.glob("cut.state*"):
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as g:
+            sizes = [g.get_tensor(k).numel() * g.get_tensor(k).element_size() for k in g.keys()]  # noqa: SIM118
+        assert sum(sizes) <= max(limit, biggest)
+    resumed = fit(_mlp(seed=99), x, y, s, out=out, progress=False, state_shard_bytes=limit)
+    assert resumed.resumed_from == 2
+    for p, q in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    # a missing part is named, not silently replaced by fresh weights
+    part = sorted(tmp_path.glob("cut.state.e4.part*"))[0]
+    part.unlink()
+    with pytest.raises(HetfuseError, match="missing"):
+        fit(_mlp(), x, y, s, out=out, progress=False)
+    fit_module.remove_state(fit_module.state_path(out))
+    assert not list(tmp_path.glob("cut.state*"))
 
 
 def test_distillation_pulls_the_student_towards_the_teacher():

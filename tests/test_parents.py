@@ -48,7 +48,10 @@ def test_a_parent_folder_holds_weights_log_command_and_accuracy(tiny):
         assert f"--only {name}" in (folder / "command.txt").read_text()
 
 
-def test_an_interrupted_parent_resumes_after_its_last_finished_epoch(tiny, monkeypatch, tmp_path):
+@pytest.mark.parametrize("file_limit", [None, 40_000])
+def test_an_interrupted_parent_resumes_after_its_last_finished_epoch(tiny, monkeypatch, tmp_path, file_limit):
+    if file_limit is not None:  # a state bigger than a file may be (the ResNet-20 x0.25 state: ~0.14 MB)
+        monkeypatch.setattr(P, "MAX_STATE_FILE_BYTES", file_limit)
     ds = _data()
     p = P.PARENTS["t-full"]
     whole = P.train_parent(p, ds, out_root=tiny / "whole", progress=False)
@@ -66,6 +69,11 @@ def test_an_interrupted_parent_resumes_after_its_last_finished_epoch(tiny, monke
         P.train_parent(p, ds, out_root=tiny / "resumed", progress=False)
     state = tiny / "resumed" / "_resume" / "t-full.state.safetensors"
     assert state.is_file()  # kept beside the committed parents, where a session can commit it
+    files = list(state.parent.glob("t-full.state*"))
+    assert len(files) == (1 if file_limit is None else 4)  # 0.14 MB in files of at most ~40 kB
+    if file_limit is not None:  # none over the limit, unless one tensor is (none is, here)
+        # the tensors of each file stay under the limit; the file adds a header (names, offsets, the log: ~3 kB)
+        assert all(f.stat().st_size <= 1.1 * file_limit for f in files), [(f.name, f.stat().st_size) for f in files]
     monkeypatch.setattr(P, "_metrics", metrics)
     monkeypatch.setenv("HETFUSE_CACHE", str(tmp_path / "a-new-machine"))  # the cache did not survive
     resumed = P.train_parent(p, ds, out_root=tiny / "resumed", progress=False)

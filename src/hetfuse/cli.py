@@ -600,15 +600,15 @@ def _fit_run(a, model, heads: dict, *, teacher=None, source: dict) -> int:
     from .io import save_checkpoint
     from .multihead import MultiHead
     from .train import FitSettings, OutputHead, fit, predict_logits, task_metrics
-    from .train.fitting import distributed, log_path, state_path
+    from .train.fitting import distributed, log_path, remove_state, state_path
 
     out = Path(a.out)
     state, log = state_path(out), log_path(out)
     rank, world = distributed()
     if a.restart:
         if rank == 0:
-            for f in (state, log):
-                f.unlink(missing_ok=True)
+            remove_state(state)
+            log.unlink(missing_ok=True)
     elif out.exists() and not state.exists() and not a.force:
         raise HetfuseError(f"output exists: {out} (not a run to resume: pass --force to overwrite it)")
     if isinstance(model, MultiHead):

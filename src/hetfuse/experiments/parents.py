@@ -15,8 +15,9 @@ order, one after the other, and for each finished one writes ``results/parents/N
 Training is resumable: the state after every finished epoch (weights, momentum, log) is kept beside the committed
 parents, in ``results/parents/_resume/NAME.state.safetensors`` (not in the cache, which may not survive to the next
 session: a session that stops in the middle of a parent commits its state there), and the same command continues
-after the last finished epoch. A finished parent's state is deleted. A state left in the cache by an older version
-(``$HETFUSE_CACHE/parents``) is moved there.
+after the last finished epoch. A state over :data:`MAX_STATE_FILE_BYTES` is split into that file and part files
+beside it (``NAME.state.eEPOCH.partK.safetensors``), each small enough to commit. A finished parent's state is
+deleted. A state left in the cache by an older version (``$HETFUSE_CACHE/parents``) is moved there.
 :func:`load_parent` reads ``results/parents/NAME``; where that folder is missing it trains the entry with the same
 command (a cache miss).
 
@@ -46,6 +47,9 @@ RECIPE = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "b
           "schedule": "onecycle", "label_smoothing": 0.1, "augment": True}
 CLASS_SPLIT_EMBED_SCALE = 10.0  # as class_split.CIFAR_EMBED_SCALE (measured there)
 MAX_FP32_BYTES = 5_000_000
+# a resume state is committed when a session stops in the middle of a parent: files of at most 16 MiB stay under
+# the repository's 20 MB limit for a file (a VGG16 x0.5 state, weights and momentum, is ~30 MB: two files)
+MAX_STATE_FILE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ def train_parent(p: Parent, ds, *, out_root=None, progress: bool = True, command
     t0 = time.perf_counter()
     result = fit(model, x, y, settings, out=state_dir / f"{p.name}.safetensors", head=head, progress=progress,
                  evaluate=lambda m: _metrics(m, head, p, ds),
-                 metadata={"parent": asdict(p)}, desc=f"train {p.name}")
+                 metadata={"parent": asdict(p)}, desc=f"train {p.name}", state_shard_bytes=MAX_STATE_FILE_BYTES)
     folder.mkdir(parents=True, exist_ok=True)
     model = result.model.float().eval()
     n_bytes = sum(t.numel() * 4 for t in model.state_dict().values())

@@ -155,7 +155,8 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits_of) -> 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSettings, *, out: str | Path | None = None,
         teacher: nn.Module | None = None, head=None, progress: bool = True, resume: bool = True,
-        metadata: dict | None = None, save=None, evaluate=None, desc: str | None = None) -> FitResult:
+        metadata: dict | None = None, save=None, evaluate=None, desc: str | None = None,
+        state_shard_bytes: int | None = None) -> FitResult:
     """Train ``model`` on ``(x, y)`` (see the module docstring); returns it with the weights of its best epoch.
     ``teacher``: distil from it (``settings.temperature``, ``settings.alpha``; both networks' outputs are
     logits over the same classes). ``head``: an :class:`~hetfuse.train.heads.OutputHead` whose training logits
@@ -163,7 +164,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
     ``save(model, path, metadata)`` writes a checkpoint (default :func:`hetfuse.io.save_model`).
     ``evaluate(model)``: a dict of numbers added to each epoch's log line (e.g. test accuracy, for the record
     only: it never chooses the epoch kept). With ``settings.val_fraction == 0`` nothing is held out and the last
-    epoch is kept."""
+    epoch is kept. ``state_shard_bytes``: split the resume state into files of at most about that many bytes
+    (``F.state.safetensors`` and its ``F.state.eEPOCH.partK.safetensors``; e.g. to keep each file under a
+    repository's size limit); default one file."""
     from tqdm.auto import tqdm
 
     from ..data.augment import apply_crop_flip, crop_flip_params
@@ -302,7 +305,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: FitSetting
                 if best_epoch == epoch:
                     save(_contiguous(model), out, dict(meta, best_val=best_val if va.numel() else None))
                 write_log(log_path(out), history)
-                _save_state(state_file, model, opt, epoch, best_val, best_epoch, history, best_state, asdict(settings))
+                _save_state(state_file, model, opt, epoch, best_val, best_epoch, history, best_state, asdict(settings),
+                            shard_bytes=state_shard_bytes)
     finally:
         bar.close()
         if channels_last:
@@ -355,8 +359,39 @@ def write_log(path: Path, history: list[dict], digits: int | None = None) -> Non
     atomic_write_bytes(path, write)
 
 
+def _state_parts(path: Path) -> list[Path]:
+    """The part files of a sharded state written at ``path`` (any epoch's)."""
+    stem = path.name.removesuffix(".safetensors")
+    return sorted(path.parent.glob(f"{stem}.e*.part*.safetensors"))
+
+
+def remove_state(path: Path) -> None:
+    """Delete the resume state at ``path`` with any part files of a sharded one."""
+    for f in [path, *_state_parts(path)]:
+        f.unlink(missing_ok=True)
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int | None) -> list[dict[str, torch.Tensor]]:
+    """``tensors`` in groups of at most ``limit`` bytes each, in order (a tensor larger than that alone)."""
+    if limit is None:
+        return [tensors]
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if groups[-1] and size + n > limit:
+            groups.append({})
+            size = 0
+        groups[-1][k] = v
+        size += n
+    return groups
+
+
 def _save_state(path: Path, model: nn.Module, opt, epoch, best_val, best_epoch, history, best_state,
-                settings: dict) -> None:
+                settings: dict, shard_bytes: int | None = None) -> None:
+    """Write the resume state to ``path``; with ``shard_bytes``, tensors beyond the first that many bytes go to
+    part files named after the epoch, written before ``path`` names them (an interruption leaves the previous
+    epoch's state whole); the parts of earlier epochs are removed afterwards."""
     from safetensors.torch import save_file
 
     from ..io.checkpoint import atomic_write_bytes
@@ -371,7 +406,17 @@ def _save_state(path: Path, model: nn.Module, opt, epoch, best_val, best_epoch, 
                 tensors[f"opt.{i}.{j}"] = buf.detach().cpu().contiguous()
     meta = {"epoch": str(epoch), "best_val": str(best_val), "best_epoch": str(best_epoch),
             "history": json.dumps(history), "settings": json.dumps(settings, sort_keys=True)}
-    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    first, *rest = _shards(tensors, shard_bytes)
+    stem = path.name.removesuffix(".safetensors")
+    names = [f"{stem}.e{epoch}.part{k}.safetensors" for k in range(1, len(rest) + 1)]
+    for name, part in zip(names, rest, strict=True):
+        atomic_write_bytes(path.parent / name, lambda tmp, part=part: save_file(part, tmp))
+    if names:
+        meta["parts"] = json.dumps(names)
+    atomic_write_bytes(path, lambda tmp: save_file(first, tmp, metadata=meta))
+    for old in _state_parts(path):
+        if old.name not in names:
+            old.unlink(missing_ok=True)
 
 
 # settings that change how the run executes, not what it computes: a run resumes across a change of them
@@ -384,6 +429,13 @@ def _load_state(path: Path, model: nn.Module, opt, settings: dict):
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    for name in json.loads(meta.get("parts", "[]")):  # a sharded state (fit's state_shard_bytes)
+        part = path.parent / name
+        if not part.is_file():
+            raise HetfuseError(f"{path} is a state in several files and {part} is missing: restore it, or start "
+                               "over (remove the state, or --restart)")
+        with safe_open(str(part), framework="pt", device="cpu") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
     saved = json.loads(meta.get("settings", "{}"))
     defaults = asdict(FitSettings())  # a setting added since the state was written counts as its default
     changed = sorted(k for k in set(saved) | set(settings)
