@@ -85,6 +85,22 @@ def test_an_interrupted_parent_resumes_after_its_last_finished_epoch(tiny, monke
     assert not (tiny / "resumed" / "_resume").exists()  # a finished parent's state is deleted
 
 
+def test_a_parent_another_process_trains_is_skipped_not_trained_twice(tiny, monkeypatch, capsys):
+    ds = _data()
+    monkeypatch.setattr("hetfuse.data.load_dataset", lambda *a, **k: ds)
+    state_dir = P.resume_dir(tiny)
+    state_dir.mkdir(parents=True)
+    with P.training_lock(state_dir, "t-full"):  # as another process would hold it (flock: per open file)
+        with pytest.raises(P.ParentBusy, match="another process"):
+            P.train_parent(P.PARENTS["t-full"], ds, out_root=tiny, progress=False)
+        done = P.run_parents(out_dir=tiny, only=["t-full", "t-task"], progress=False)
+        assert [d.name for d in done] == ["t-task"]  # the queue went on with its next parent
+        assert "skipped: parent t-full is being trained by another process" in capsys.readouterr().out
+        assert not (tiny / "t-full").exists()
+    assert (P.train_parent(P.PARENTS["t-full"], ds, out_root=tiny, progress=False) / "model.safetensors").is_file()
+    assert not state_dir.exists()  # the finished parent's lock went with its state
+
+
 def test_a_state_left_in_the_cache_by_an_older_version_is_moved_and_resumed(tiny, monkeypatch, tmp_path):
     ds = _data()
     p = P.PARENTS["t-full"]

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -138,18 +139,45 @@ def _metrics(model, head, p: Parent, ds) -> dict:
 
 
 def train_parent(p: Parent, ds, *, out_root=None, progress: bool = True, command: str | None = None) -> Path:
-    """Train (or resume) one parent and write its folder (see the module docstring); returns the folder."""
-    from ..cache import cache_dir
-    from ..io import save_model
-    from ..train import FitSettings, fit
-    from ..train.fitting import write_log
-    from .common import write_command
-
-    from ..train.fitting import state_path
-
+    """Train (or resume) one parent and write its folder (see the module docstring); returns the folder. Raises
+    :class:`ParentBusy` where another process is training it."""
     folder = parents_dir(out_root) / p.name
     state_dir = resume_dir(out_root)
     state_dir.mkdir(parents=True, exist_ok=True)
+    with training_lock(state_dir, p.name):
+        return _train_parent(p, ds, folder, state_dir, out_root=out_root, progress=progress, command=command)
+
+
+class ParentBusy(HetfuseError):
+    """Another process is training this parent (it holds the parent's lock)."""
+
+
+@contextmanager
+def training_lock(state_dir: Path, name: str):
+    """Hold ``state_dir/NAME.lock`` while training ``name``: two processes would write one resume state. Raises
+    :class:`ParentBusy` where another process holds it. An advisory ``flock``, released when the process ends, however
+    it ends; where the platform has none (not POSIX), no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = state_dir / f"{name}.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ParentBusy(f"parent {name} is being trained by another process (it holds {path})") from None
+        yield
+
+
+def _train_parent(p: Parent, ds, folder: Path, state_dir: Path, *, out_root, progress: bool, command) -> Path:
+    from ..cache import cache_dir
+    from ..io import save_model
+    from ..train import FitSettings, fit
+    from ..train.fitting import state_path, write_log
+    from .common import write_command
+
     state = state_path(state_dir / f"{p.name}.safetensors")
     legacy = cache_dir() / "parents"
     if not state.is_file() and state_path(legacy / f"{p.name}.safetensors").is_file():
@@ -246,7 +274,11 @@ def run_parents(*, data_root=None, out_dir=None, only=None, progress: bool = Tru
         if ds is None:
             ds = load_dataset(PARENTS[n].dataset, data_root)
         print(f"training parent {n} ({PARENTS[n].arch}, {PARENTS[n].epochs} epochs)", flush=True)
-        done.append(train_parent(PARENTS[n], ds, out_root=out_dir, progress=progress))
+        try:
+            done.append(train_parent(PARENTS[n], ds, out_root=out_dir, progress=progress))
+        except ParentBusy as e:  # two queues may name the same parent: the second goes on with its next one
+            print(f"skipped: {e}", flush=True)
+            continue
         summarize(out_dir)
     summarize(out_dir)
     return done
